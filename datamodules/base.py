@@ -1,0 +1,143 @@
+"""The few-shot datamodule every dataset derives from.
+
+A dataset subclass says where its images are and what they are called (``pools``, ``eval_sets``,
+``load_image``, ``classnames``, ``templates``); this class does the CoOp-style few-shot draw, saves
+the drawn file list, and builds every loader the run needs.
+"""
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import pytorch_lightning as pl
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+Item = Tuple[Any, int]  # (a JSON-able key such as a relative path, label)
+
+
+@dataclass
+class EvalSet:
+    """A named test set with the class names (and prompt templates) of its own head."""
+    name: str
+    items: List[Item]
+    classnames: List[str]
+    templates: Sequence[str]
+
+
+class ImageItems(Dataset):
+    """(key, label) items loaded with ``load`` and transformed on access (in DataLoader workers)."""
+
+    def __init__(self, items: Sequence[Item], load: Callable, transform: Optional[Callable]):
+        self.items, self.load, self.transform = list(items), load, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        key, label = self.items[i]
+        image = self.load(key)
+        return (self.transform(image) if self.transform else image), label
+
+
+def few_shot(items: Sequence[Item], shots: int, seed: int) -> List[Item]:
+    """CoOp's draw: seed Python's ``random``, then ``random.sample(items_of_label, shots)`` per label in
+    label order. A label with fewer items than ``shots`` keeps all of them (as CoOp does)."""
+    rng = random.Random(seed)
+    by_label: Dict[int, List[Item]] = {}
+    for item in items:
+        by_label.setdefault(int(item[1]), []).append(item)
+    out: List[Item] = []
+    for label in sorted(by_label):
+        pool = by_label[label]
+        out.extend(rng.sample(pool, shots) if len(pool) > shots else pool)
+    return out
+
+
+class FewShotDataModule(pl.LightningDataModule):
+    """Base class. Subclasses implement the five methods marked *dataset* below."""
+
+    def __init__(self, shots: int = 16, seed: int = 1, batch_size: int = 32, eval_batch_size: int = 64,
+                 num_workers: int = 0, split_file: Optional[str] = None):
+        super().__init__()
+        self.shots, self.seed = shots, seed
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.split_file = split_file
+        self.train_transform = self.eval_transform = None
+        self._split: Optional[Dict[str, List[Item]]] = None
+
+    # --- dataset -----------------------------------------------------------------------------------
+    def classnames(self) -> List[str]:
+        """Training class names, index = label."""
+        raise NotImplementedError
+
+    def templates(self) -> Sequence[str]:
+        """Prompt templates (``"a photo of a {}."``) for the heads of this dataset."""
+        raise NotImplementedError
+
+    def pools(self) -> Dict[str, List[Item]]:
+        """``{"train": items, "val": items}`` from which the few-shot sets are drawn."""
+        raise NotImplementedError
+
+    def eval_sets(self) -> List[EvalSet]:
+        """Test sets, the in-distribution one first."""
+        raise NotImplementedError
+
+    def load_image(self, key):
+        """The PIL image of one item."""
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------------
+    @property
+    def id_name(self) -> str:
+        return self.eval_sets()[0].name
+
+    @property
+    def ood_names(self) -> List[str]:
+        return [s.name for s in self.eval_sets()[1:]]
+
+    def set_transforms(self, train_transform: Callable, eval_transform: Callable) -> None:
+        """The model decides image size and normalisation, so its transforms are handed in."""
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+
+    @property
+    def split(self) -> Dict[str, List[Item]]:
+        """The few-shot train and val items: drawn with the seed, or read from ``split_file``."""
+        if self._split is None:
+            if self.split_file:
+                saved = json.loads(Path(self.split_file).read_text())
+                self._split = {k: [(key, int(label)) for key, label in v] for k, v in saved.items()}
+            else:
+                pools = self.pools()
+                self._split = {"train": few_shot(pools["train"], self.shots, self.seed),
+                               "val": few_shot(pools["val"], min(self.shots, 4), self.seed)}
+        return self._split
+
+    def save_split(self, path) -> None:
+        """Write the drawn items so the run can be repeated exactly (``split_file=<path>``)."""
+        Path(path).write_text(json.dumps({k: [list(i) for i in v] for k, v in self.split.items()}))
+
+    def _loader(self, items, transform, batch_size, shuffle=False, shard=False):
+        data = ImageItems(items, self.load_image, transform)
+        world = self.trainer.world_size if shard and self.trainer else 1
+        sampler = (UnrepeatedDistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank,
+                                                shuffle=False) if world > 1 else None)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.split["train"], self.train_transform, self.batch_size, shuffle=True)
+
+    def mask_dataloader(self, rank: int = 0, world_size: int = 1):
+        """The whole training set with evaluation transforms, in a fixed order, this rank's share."""
+        return self._loader(self.split["train"][rank::world_size], self.eval_transform, self.eval_batch_size)
+
+    def val_dataloader(self):
+        return self._loader(self.split["val"], self.eval_transform, self.eval_batch_size)
+
+    def test_dataloader(self):
+        """One loader per eval set; under DDP each rank takes a disjoint share (no padded repeats, so
+        the example counts are exact)."""
+        return [self._loader(s.items, self.eval_transform, self.eval_batch_size, shard=True)
+                for s in self.eval_sets()]

@@ -1,0 +1,130 @@
+"""Lightning plumbing of SAFT: select the mask at ``on_fit_start``, mask gradients after every backward.
+
+The math lives in ``saft.mask``; the optimizer that never writes an unselected entry in ``saft.optim``.
+"""
+from typing import Dict, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from saft.clip import ConfigError
+from saft.mask import (SCOPES, SCORES, Mask, accumulate_scores, finalize_scores, flatten_mask,
+                       is_eligible, mask_stats, num_selected, random_scores, select_topk, unflatten_mask)
+from saft.optim import MaskedAdamW
+
+SELECTIONS = ("gradient", "random")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class SparseMaskCallback(pl.Callback):
+    """Selects exactly k = round(sparsity * N_eligible) entries and lets only those train.
+
+    ``selection=gradient`` scores entries on the whole few-shot training set (SAFT);
+    ``selection=random`` draws them uniformly with ``seed`` (the random-mask ablation). Eligible
+    entries: parameters of the trained towers matching ``include`` (if given) and no ``exclude`` regex.
+    The mask is part of the callback state, so a resumed run restores it instead of recomputing it.
+    """
+
+    def __init__(self, sparsity: float = 0.001, selection: str = "gradient", score: str = "abs_sum",
+                 scope: str = "global", include: Sequence[str] = (), exclude: Sequence[str] = (),
+                 seed: int = 0):
+        for value, allowed, key in ((selection, SELECTIONS, "selection"), (score, SCORES, "score"),
+                                    (scope, SCOPES, "scope")):
+            if value not in allowed:
+                raise ConfigError(f"method.mask.{key}={value!r} is not one of {allowed}")
+        if not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
+            raise ConfigError(f"sparsity={sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
+        self.sparsity, self.selection, self.score, self.scope = float(sparsity), selection, score, scope
+        self.include, self.exclude, self.seed = list(include), list(exclude), seed
+        self.masks: Optional[Mask] = None
+        self.stats: Dict[str, int] = {}
+
+    @property
+    def settings(self):
+        return dict(sparsity=self.sparsity, selection=self.selection, score=self.score, scope=self.scope,
+                    include=self.include, exclude=self.exclude, seed=self.seed)
+
+    # --- mask selection ----------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainable = {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
+        eligible = {n: p for n, p in self._trainable.items()
+                    if is_eligible(n, ("image", "text", "logit_scale"), self.include, self.exclude)}
+        if not eligible:
+            raise ConfigError("no parameter is eligible for the mask: check method.towers and "
+                              "method.mask.include / exclude")
+        sizes = {n: p.numel() for n, p in eligible.items()}
+        k = num_selected(self.sparsity, sum(sizes.values()))
+        if self.masks is None:
+            self.masks = self._select(trainer, pl_module, eligible, k)
+        elif set(self.masks) - set(eligible) or sum(i.numel() for i in self.masks.values()) != k:
+            raise ConfigError("the mask restored from the checkpoint does not fit this model and config "
+                              "(different towers, patterns or sparsity?); resume with the run's own config")
+        self.stats = mask_stats(self.masks, sizes, k)
+        for optimizer in trainer.optimizers:
+            if not isinstance(optimizer, MaskedAdamW):
+                raise ConfigError(f"a masked method needs saft.optim.MaskedAdamW, which never writes an "
+                                  f"unselected entry; got {type(optimizer).__name__}")
+            optimizer.set_masks({eligible[n]: idx for n, idx in self.masks.items()})
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({k_: float(v) for k_, v in self.stats.items()}, step=0)
+
+    def _select(self, trainer, pl_module, eligible, k) -> Mask:
+        sizes = {n: p.numel() for n, p in eligible.items()}
+        if self.selection == "random":
+            scores = random_scores({n: p.shape for n, p in eligible.items()}, self.seed)
+        else:
+            scores = self._gradient_scores(trainer, pl_module, eligible)
+        flat = flatten_mask(select_topk(scores, k, self.scope), sizes).to(pl_module.device)
+        if _distributed():
+            # Every rank computed the same selection; rank 0's copy is sent so they cannot differ.
+            dist.broadcast(flat, src=0)
+        return unflatten_mask(flat.cpu(), sizes)
+
+    def _gradient_scores(self, trainer, pl_module, eligible):
+        """One pass over the whole training set (this rank's share), fp32, evaluation transforms."""
+        loader = trainer.datamodule.mask_dataloader(trainer.global_rank, trainer.world_size)
+        was_training = pl_module.training
+        pl_module.eval()
+        pl_module.zero_grad(set_to_none=True)
+        scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in eligible.items()}
+        for batch in loader:
+            batch = trainer.strategy.batch_to_device(batch)
+            pl_module.loss(batch, reduction="sum").backward()
+            accumulate_scores(scores, {n: p.grad for n, p in eligible.items() if p.grad is not None}, self.score)
+            pl_module.zero_grad(set_to_none=True)
+        pl_module.train(was_training)
+        if _distributed():
+            for s in scores.values():
+                dist.all_reduce(s, op=dist.ReduceOp.SUM)
+        return finalize_scores(scores, self.score)
+
+    # --- training ----------------------------------------------------------------------------------
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Linear, so also right for unscaled fp16 grads and for unreduced micro-batch grads.
+        for name, p in self._trainable.items():
+            if p.grad is None:
+                continue
+            idx = self.masks.get(name)
+            if idx is None:
+                p.grad = None
+                continue
+            flat = p.grad.view(-1)
+            if idx.device != flat.device:
+                idx = self.masks[name] = idx.to(flat.device)
+            kept = flat[idx]
+            flat.zero_()
+            flat[idx] = kept
+
+    # --- checkpoint state --------------------------------------------------------------------------
+    def state_dict(self):
+        return {"masks": {n: i.cpu() for n, i in (self.masks or {}).items()}, "settings": self.settings}
+
+    def load_state_dict(self, state_dict):
+        if state_dict["settings"] != self.settings:
+            raise ConfigError(f"the checkpoint's mask was selected with {state_dict['settings']}, but this "
+                              f"run asks for {self.settings}; resume with the run's own config")
+        self.masks = dict(state_dict["masks"])

@@ -1,0 +1,51 @@
+"""open_clip model loading (tags, local files, seeded random init) and text classifier heads."""
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+# Architectures this project defines (e.g. the tiny test model) live beside the model configs.
+ARCH_DIR = Path(__file__).resolve().parent.parent / "conf" / "model" / "open_clip"
+open_clip.add_model_config(ARCH_DIR)
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration or the inputs; reported without a traceback."""
+
+
+def load_clip(name: str, pretrained: Optional[str] = None, init_seed: int = 0,
+              force_quick_gelu: bool = False):
+    """Return ``(model, train_transform, eval_transform, tokenizer)`` for an open_clip architecture.
+
+    ``pretrained`` is an open_clip tag (e.g. ``openai``), a local checkpoint file, or None for a random
+    init drawn with ``init_seed`` (the same base model for every training seed).
+    """
+    if name not in open_clip.list_models():
+        raise ConfigError(f"unknown open_clip architecture {name!r}; add a JSON config to {ARCH_DIR} "
+                          f"or pick one of open_clip.list_models()")
+    looks_like_path = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix)
+    if looks_like_path and not Path(pretrained).is_file():
+        raise ConfigError(f"model.pretrained={pretrained!r} is not a file; give an existing checkpoint "
+                          f"path or an open_clip tag such as 'openai'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, force_quick_gelu=force_quick_gelu)
+    return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
+
+
+def tokenize_prompts(tokenizer, classnames: Sequence[str], templates: Sequence) -> torch.Tensor:
+    """Tokens of every (class, template) prompt, class-major, as open_clip orders them."""
+    texts = [t.format(c) if isinstance(t, str) else t(c) for c in classnames for t in templates]
+    return tokenizer(texts)
+
+
+def text_head(model, tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Differentiable [embed_dim, num_classes] head: the same math as
+    ``open_clip.build_zero_shot_classifier`` (normalise, average templates, normalise) with gradients."""
+    emb = model.encode_text(tokens, normalize=True)
+    emb = emb.reshape(num_classes, -1, emb.shape[-1])
+    return F.normalize(emb.mean(dim=1), dim=-1).T

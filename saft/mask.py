@@ -1,0 +1,162 @@
+"""Pure tensor math of SAFT masks: scores, exact top-k selection, random masks, statistics.
+
+No Lightning here. A mask is a dict ``{param_name: LongTensor}`` of sorted flat indices into the
+parameter, holding only parameters with at least one selected entry.
+"""
+import re
+from collections import Counter
+from typing import Dict, Iterable, Mapping, Optional
+
+import torch
+
+SCORES = ("abs_sum", "sum_abs", "fisher")
+SCOPES = ("global", "per_tensor")
+TOWERS = ("image", "text", "logit_scale")
+
+Scores = Dict[str, torch.Tensor]
+Mask = Dict[str, torch.Tensor]
+
+
+def tower_of(name: str) -> str:
+    """The tower an open_clip parameter belongs to (CLIP and CustomTextCLIP naming)."""
+    if name.startswith("visual."):
+        return "image"
+    if name in ("logit_scale", "logit_bias"):
+        return "logit_scale"
+    return "text"
+
+
+def block_of(name: str) -> str:
+    """Group a parameter into the block it lives in, e.g. ``visual.transformer.resblocks.3``."""
+    match = re.match(r"(.*?\.resblocks\.\d+)\.", name)
+    if match:
+        return match.group(1)
+    return re.sub(r"\.(weight|bias)$", "", name)
+
+
+def is_eligible(name: str, towers: Iterable[str], include=(), exclude=()) -> bool:
+    """A parameter is eligible if its tower is listed, it matches an include regex (if any) and no
+    exclude regex."""
+    if tower_of(name) not in towers:
+        return False
+    if include and not any(re.search(p, name) for p in include):
+        return False
+    return not any(re.search(p, name) for p in exclude)
+
+
+def accumulate_scores(scores: Scores, grads: Mapping[str, torch.Tensor], score: str) -> None:
+    """Add one batch's gradients into the running per-entry scores (in place).
+
+    ``abs_sum`` accumulates signed sums (take ``finalize_scores`` after the last batch, and after any
+    cross-process sum), ``sum_abs`` accumulates |g| and ``fisher`` accumulates g**2.
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown mask score {score!r}; choose one of {SCORES}")
+    for name, g in grads.items():
+        g = g.detach().float()
+        term = g if score == "abs_sum" else g.abs() if score == "sum_abs" else g * g
+        if name in scores:
+            scores[name].add_(term)
+        else:
+            scores[name] = term.clone()
+
+
+def finalize_scores(scores: Scores, score: str) -> Scores:
+    """|sum g| for ``abs_sum``; the accumulated values unchanged for the other scores."""
+    return {n: s.abs() if score == "abs_sum" else s for n, s in scores.items()}
+
+
+def num_selected(sparsity: float, n_eligible: int) -> int:
+    """k = round(sparsity * N), the exact number of entries a mask holds."""
+    if not 0.0 < sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in (0, 1], got {sparsity}")
+    return int(round(sparsity * n_eligible))
+
+
+def _topk_flat(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values, ties broken towards the lower index; sorted ascending.
+
+    ``torch.topk`` does not promise which of equal values it returns, so it only finds the threshold;
+    everything above it is taken, then the lowest-index entries equal to it.
+    """
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=values.device)
+    if k >= values.numel():
+        return torch.arange(values.numel(), device=values.device)
+    threshold = torch.topk(values, k, sorted=False).values.min()
+    above = torch.nonzero(values > threshold).flatten()
+    ties = torch.nonzero(values == threshold).flatten()[: k - above.numel()]
+    return torch.sort(torch.cat([above, ties])).values
+
+
+def _split_k(sizes: Mapping[str, int], k: int) -> Dict[str, int]:
+    """Split k across tensors in proportion to their size (largest remainder, sums to exactly k)."""
+    names, total = list(sizes), sum(sizes.values())
+    quotas = [k * sizes[n] / total for n in names]
+    out = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(names)), key=lambda i: (out[i] - quotas[i], i))
+    for i in by_remainder[: k - sum(out)]:
+        out[i] += 1
+    return dict(zip(names, out))
+
+
+def select_topk(scores: Scores, k: int, scope: str = "global") -> Mask:
+    """Exactly k entries with the largest scores: over all tensors (``global``) or with k split across
+    tensors by size (``per_tensor``). Deterministic: ties go to the earlier tensor, then lower index."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown mask scope {scope!r}; choose one of {SCOPES}")
+    names = list(scores)
+    if scope == "per_tensor":
+        ks = _split_k({n: scores[n].numel() for n in names}, k)
+        mask = {n: _topk_flat(scores[n].flatten(), ks[n]) for n in names}
+    else:
+        flat = torch.cat([scores[n].flatten() for n in names])
+        chosen = _topk_flat(flat, k)
+        mask, offset = {}, 0
+        for n in names:
+            size = scores[n].numel()
+            lo, hi = torch.searchsorted(chosen, torch.tensor([offset, offset + size], device=chosen.device))
+            mask[n] = chosen[lo:hi] - offset
+            offset += size
+    return {n: idx for n, idx in mask.items() if idx.numel() > 0}
+
+
+def random_scores(shapes: Mapping[str, torch.Size], seed: int) -> Scores:
+    """Uniform random scores: their top-k is a uniformly random mask drawn with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(shape, generator=gen) for n, shape in shapes.items()}
+
+
+def flatten_mask(mask: Mask, sizes: Mapping[str, int]) -> torch.Tensor:
+    """The mask as one sorted vector of indices into the concatenation of ``sizes`` (in order)."""
+    parts, offset = [], 0
+    for n, size in sizes.items():
+        if n in mask:
+            parts.append(mask[n].cpu() + offset)
+        offset += size
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def unflatten_mask(flat: torch.Tensor, sizes: Mapping[str, int]) -> Mask:
+    """Inverse of ``flatten_mask``."""
+    mask, offset = {}, 0
+    for n, size in sizes.items():
+        part = flat[(flat >= offset) & (flat < offset + size)] - offset
+        if part.numel():
+            mask[n] = part
+        offset += size
+    return mask
+
+
+def mask_stats(mask: Mask, sizes: Mapping[str, int], k: Optional[int] = None) -> Dict[str, int]:
+    """k, N and selected entries per tower and per block, as flat ``mask/...`` keys for a logger."""
+    selected = {n: int(idx.numel()) for n, idx in mask.items()}
+    stats = {"mask/k": sum(selected.values()) if k is None else k, "mask/N": int(sum(sizes.values()))}
+    per_tower, per_block = Counter(), Counter()
+    for n, count in selected.items():
+        per_tower[tower_of(n)] += count
+        per_block[block_of(n)] += count
+    for tower in TOWERS:
+        stats[f"mask/tower/{tower}"] = per_tower.get(tower, 0)
+    stats.update({f"mask/block/{b}": c for b, c in sorted(per_block.items())})
+    return stats

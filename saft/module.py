@@ -1,0 +1,128 @@
+"""The LightningModule: an open_clip model classifying images with a text head, and its evaluation."""
+import math
+from typing import Callable, Dict, Optional, Sequence
+
+import open_clip
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from saft.clip import text_head, tokenize_prompts
+from saft.mask import tower_of
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+class CLIPClassifier(pl.LightningModule):
+    """Wraps any open_clip model. Logits = exp(logit_scale) * cos(image, class text), the scale clamped
+    at ln(100) in the forward (so the stored parameter is never rewritten outside an optimizer step).
+
+    The training head is re-encoded from the class prompts on every step while any text-tower parameter
+    trains, so gradients reach the text tower (cost: one text forward and backward over
+    n_classes x n_train_templates prompts per step); when the text tower is frozen it is encoded once.
+    Evaluation heads use every template of the eval set and are cached until the weights change.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, optimizer: Optional[Callable] = None,
+                 towers: Sequence[str] = ("image", "text"), train_templates: int = 1,
+                 warmup_fraction: float = 0.1, schedule: str = "cosine"):
+        super().__init__()
+        self.model, self.tokenizer, self.optimizer_factory = model, tokenizer, optimizer
+        self.train_templates, self.warmup_fraction, self.schedule = train_templates, warmup_fraction, schedule
+        # Decided here, before any DDP wrap: DDP fixes the set of parameters that need gradients.
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(optimizer is not None and tower_of(name) in towers)
+        self.text_trains = any(p.requires_grad for n, p in model.named_parameters() if tower_of(n) == "text")
+        self.results: Dict[str, Dict[str, float]] = {}
+        self._heads: Dict[str, torch.Tensor] = {}
+        self._frozen_train_head: Optional[torch.Tensor] = None
+
+    # --- heads -------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        self.classnames = dm.classnames()
+        self.train_tokens = tokenize_prompts(self.tokenizer, self.classnames, dm.templates()[: self.train_templates])
+        self.eval_sets = dm.eval_sets()
+        self.test_acc = nn.ModuleDict({s.name: MulticlassAccuracy(len(s.classnames), average="micro")
+                                       for s in self.eval_sets})
+        self.test_n = nn.ModuleDict({s.name: SumMetric() for s in self.eval_sets})
+        self.val_acc = MulticlassAccuracy(len(self.classnames), average="micro")
+
+    def train_head(self) -> torch.Tensor:
+        if self.text_trains:
+            return text_head(self.model, self.train_tokens.to(self.device), len(self.classnames))
+        if self._frozen_train_head is None:
+            with torch.no_grad():
+                self._frozen_train_head = text_head(self.model, self.train_tokens.to(self.device),
+                                                    len(self.classnames))
+        return self._frozen_train_head
+
+    def eval_head(self, index: int) -> torch.Tensor:
+        s = self.eval_sets[index]
+        if s.name not in self._heads:
+            self._heads[s.name] = open_clip.build_zero_shot_classifier(
+                self.model, self.tokenizer, s.classnames, s.templates, device=self.device)
+        return self._heads[s.name]
+
+    def on_train_batch_end(self, *args) -> None:
+        self._heads.clear()  # weights changed
+
+    # --- forward and loss --------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        features = self.model.encode_image(images, normalize=True)
+        return self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * features @ head.to(features.dtype)
+
+    def loss(self, batch, reduction: str = "mean") -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(self(images, self.train_head()), labels, reduction=reduction)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # --- evaluation --------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.val_acc.update(self(images, self.eval_head(0)), labels)
+
+    def on_validation_epoch_end(self):
+        self.log("val/top1", 100 * self.val_acc.compute(), prog_bar=True)
+        self.val_acc.reset()
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        images, labels = batch
+        name = self.eval_sets[dataloader_idx].name
+        self.test_acc[name].update(self(images, self.eval_head(dataloader_idx)), labels)
+        self.test_n[name].update(torch.tensor(float(labels.numel()), device=self.device))
+
+    def on_test_epoch_end(self):
+        self.results = {}
+        for s in self.eval_sets:
+            top1 = 100 * self.test_acc[s.name].compute().item()
+            self.results[s.name] = {"top1": top1, "n": int(self.test_n[s.name].compute().item())}
+            self.test_acc[s.name].reset()
+            self.test_n[s.name].reset()
+        self.log_dict({f"test/{n}/top1": r["top1"] for n, r in self.results.items()})
+
+    # --- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                # As open_clip's trainer: no weight decay on gains, biases and the logit scale.
+                (no_decay if p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
+                 else decay).append(p)
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        if self.schedule == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(round(self.warmup_fraction * total))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+        scheduler = cosine if warmup == 0 else torch.optim.lr_scheduler.SequentialLR(
+            optimizer, [torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (warmup + 1), total_iters=warmup),
+                        cosine], milestones=[warmup])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,73 @@
+"""An AdamW that updates only the selected entries of each parameter and keeps state only for them.
+
+Why not torch's AdamW with masked gradients: decoupled weight decay multiplies every parameter that has
+a gradient, so frozen entries would drift. Here an entry outside the mask is never written, whatever the
+weight decay, and the moment buffers hold k values instead of a dense copy of the model.
+"""
+from typing import Dict, Iterable
+
+import torch
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) restricted to masked entries.
+
+    The mask arrives after construction through ``set_masks`` (Lightning builds optimizers before
+    ``on_fit_start``, where the SAFT callback selects the mask). Parameters without a mask entry are
+    never touched.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid MaskedAdamW hyper-parameters lr={lr} betas={betas} eps={eps} "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.masks: Dict[torch.Tensor, torch.Tensor] = {}
+        self.masks_set = False
+
+    def set_masks(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
+        """``{parameter: sorted flat indices}``; every parameter must belong to this optimizer."""
+        own = {p for group in self.param_groups for p in group["params"]}
+        if any(p not in own for p in masks):
+            raise ValueError("a masked parameter is not in this optimizer's parameter groups "
+                             "(is its tower frozen?)")
+        self.masks = {p: idx.to(p.device) for p, idx in masks.items()}
+        self.masks_set = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self.masks_set:
+            raise RuntimeError("MaskedAdamW.step() was called before set_masks(): add the SAFT mask "
+                               "callback (saft.callback.SparseMaskCallback) to the trainer")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                idx = self.masks.get(p)
+                if idx is None or p.grad is None:
+                    continue
+                flat = p.view(-1)
+                grad = p.grad.reshape(-1)[idx]
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = state["step"].item()
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                # Same operations, in the same order, as torch's single-tensor AdamW.
+                value = flat[idx]
+                if wd != 0:
+                    value.mul_(1 - lr * wd)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr / (1 - beta1 ** step)
+                denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+                value.addcdiv_(exp_avg, denom, value=-step_size)
+                flat[idx] = value
+        return loss

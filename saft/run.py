@@ -1,0 +1,174 @@
+"""Compose datamodule, model, method and trainer from a Hydra config; train or evaluate; write artifacts.
+
+A run's output dir holds ``results.json``, ``delta.safetensors`` (training only), ``split.json`` (the
+few-shot files drawn), Lightning checkpoints and logs, and Hydra's ``.hydra/`` with the full config.
+"""
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from saft.clip import ConfigError, load_clip
+from saft.delta import (apply_delta, compute_delta, load_delta, num_changed, save_delta,
+                        state_checksum)
+from saft.module import CLIPClassifier
+from saft.results import RESULTS, build_results, write_json
+
+log = logging.getLogger(__name__)
+DELTA = "delta.safetensors"
+
+
+def reports_user_errors(main):
+    """Turn a ``ConfigError`` into one line on stderr and exit status 2, without a traceback."""
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig):
+        try:
+            return main(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks of user input, before any data or model is touched."""
+    if isinstance(cfg.shots, bool) or not isinstance(cfg.shots, int) or cfg.shots < 1:
+        raise ConfigError(f"shots={cfg.shots!r} must be a positive integer (examples per class), e.g. shots=16")
+    if isinstance(cfg.sparsity, bool) or not isinstance(cfg.sparsity, (int, float)) or not 0 < cfg.sparsity <= 1:
+        raise ConfigError(f"sparsity={cfg.sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
+    out = output_dir()
+    if (out / RESULTS).exists() and not cfg.get("ckpt_path"):
+        raise ConfigError(f"{out} already holds a finished run ({RESULTS}); choose another hydra.run.dir "
+                          f"so its results are not overwritten")
+
+
+def output_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def build(cfg: DictConfig):
+    """The datamodule (checked first: it is cheap), then the model around it."""
+    datamodule = hydra.utils.instantiate(cfg.dataset.datamodule)
+    model, train_tf, eval_tf, tokenizer = load_clip(**cfg.model)
+    datamodule.set_transforms(train_tf, eval_tf)
+    method = cfg.method
+    optimizer = hydra.utils.instantiate(method.optimizer) if method.train else None
+    module = CLIPClassifier(model, tokenizer, optimizer, towers=list(method.towers),
+                            train_templates=method.train_templates, warmup_fraction=method.warmup_fraction,
+                            schedule=method.schedule)
+    return datamodule, module
+
+
+def make_trainer(cfg: DictConfig, callbacks) -> pl.Trainer:
+    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                                   default_root_dir=str(output_dir()))
+
+
+def base_parameters(cfg: DictConfig):
+    """The pre-trained parameters, rebuilt from the config (tag, file or seeded init)."""
+    return {n: p.detach() for n, p in load_clip(**cfg.model)[0].named_parameters()}
+
+
+def finish(trainer: pl.Trainer) -> None:
+    """One wandb run per job: close it, or the next multirun job would log into it."""
+    if isinstance(trainer.logger, pl.loggers.WandbLogger):
+        import wandb
+        wandb.finish()
+
+
+def train(cfg: DictConfig) -> dict:
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    mask_callback = hydra.utils.instantiate(cfg.method.mask) if cfg.method.get("mask") else None
+    callbacks = [c for c in (mask_callback, hydra.utils.instantiate(cfg.checkpoint)) if c is not None]
+    trainer = make_trainer(cfg, callbacks)
+    out = output_dir()
+    if trainer.is_global_zero:
+        datamodule.save_split(out / "split.json")
+    if cfg.method.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    results = None
+    if trainer.is_global_zero:
+        base = base_parameters(cfg)
+        delta = compute_delta(base, dict(module.model.named_parameters()))
+        save_delta(out / DELTA, delta, {"model.name": cfg.model.name, "model.pretrained": str(cfg.model.pretrained),
+                                        "base_sha256": state_checksum(base)})
+        if mask_callback is not None:
+            num_trainable = mask_callback.stats["mask/k"]
+        else:
+            num_trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+        extra = {"mask": mask_callback.stats} if mask_callback is not None else {}
+        results = _results(cfg, module, datamodule, num_trainable, num_changed(delta), extra)
+        write_json(out / RESULTS, results)
+        log.info("results: %s", out / RESULTS)
+    finish(trainer)
+    return results
+
+
+def _results(cfg, module, datamodule, num_trainable, changed, extra=None) -> dict:
+    return build_results(method=cfg.method.name, model=cfg.model.name, dataset=cfg.dataset.name,
+                         shots=cfg.shots, seed=cfg.seed, sparsity=cfg.sparsity,
+                         num_params=sum(p.numel() for p in module.model.parameters()),
+                         num_trainable=num_trainable, num_changed=changed, metrics=module.results,
+                         id_name=datamodule.id_name, ood=datamodule.ood_names, extra=extra)
+
+
+def compose_for_run(run_dir: Path, overrides) -> DictConfig:
+    """The eval config with the training run's group choices and overrides, then this call's overrides
+    (a later value for the same key wins). The model must stay the run's: the delta belongs to it."""
+    hydra_dir = run_dir / ".hydra"
+    if not (run_dir / RESULTS).is_file() or not (run_dir / DELTA).is_file() or not hydra_dir.is_dir():
+        raise ConfigError(f"run_dir={run_dir} is not a finished training run (it needs {RESULTS}, {DELTA} "
+                          f"and .hydra/); point run_dir at the output dir of a completed train.py run")
+    saved_hydra = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]
+    choices = [f"{g}={c}" for g, c in saved_hydra["runtime"]["choices"].items()
+               if not g.startswith("hydra") and c is not None]
+    merged = {}
+    for o in choices + list(saved_hydra["overrides"]["task"]) + list(overrides):
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key != "run_dir" and not key.startswith("hydra"):
+            merged[key] = o
+    if any(k == "model" or k.startswith("model.") for k in map(lambda o: o.split("=", 1)[0], overrides)):
+        raise ConfigError("model.* cannot be overridden together with run_dir: the delta belongs to the "
+                          "run's base model")
+    cfg = hydra.compose(config_name="eval", overrides=list(merged.values()))
+    OmegaConf.set_struct(cfg, False)
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else None
+    if run_dir is not None:
+        cfg = compose_for_run(run_dir, HydraConfig.get().overrides.task)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    num_trainable = changed = 0
+    if run_dir is not None:
+        delta, metadata = load_delta(run_dir / DELTA)
+        base = {n: p.detach() for n, p in module.model.named_parameters()}
+        if metadata.get("base_sha256") != state_checksum(base):
+            raise ConfigError(f"{run_dir / DELTA} was made for another base model (checksum differs from "
+                              f"{cfg.model.name} / {cfg.model.pretrained}); evaluate it with its own base")
+        apply_delta(module.model, delta)
+        num_trainable = json.loads((run_dir / RESULTS).read_text())["num_trainable"]
+        changed = num_changed(delta)
+    trainer = make_trainer(cfg, callbacks=[])
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    results = None
+    if trainer.is_global_zero:
+        extra = {"run_dir": str(run_dir)} if run_dir is not None else {}
+        results = _results(cfg, module, datamodule, num_trainable, changed, extra)
+        write_json(output_dir() / RESULTS, results)
+    finish(trainer)
+    return results
