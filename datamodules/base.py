@@ -12,7 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 Item = Tuple[Any, int]  # (a JSON-able key such as a relative path, label)
 
@@ -26,8 +27,30 @@ class EvalSet:
     templates: Sequence[str]
 
 
+class EpochSeededSampler(Sampler):
+    """Yields ``(index, augmentation seed)`` pairs: a permutation per epoch and a seed per sample, both
+    drawn from (seed, epoch) alone. A run resumed from a checkpoint therefore sees the same images with
+    the same random crops as an uninterrupted one (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=gen).tolist()
+        return iter(zip(order, seeds))
+
+
 class ImageItems(Dataset):
-    """(key, label) items loaded with ``load`` and transformed on access (in DataLoader workers)."""
+    """(key, label) items loaded with ``load`` and transformed on access (in DataLoader workers).
+    An ``(index, seed)`` pair as index makes the transform's randomness a function of that seed."""
 
     def __init__(self, items: Sequence[Item], load: Callable, transform: Optional[Callable]):
         self.items, self.load, self.transform = list(items), load, transform
@@ -36,9 +59,16 @@ class ImageItems(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
+        i, seed = i if isinstance(i, tuple) else (i, None)
         key, label = self.items[i]
         image = self.load(key)
-        return (self.transform(image) if self.transform else image), label
+        if self.transform is None:
+            return image, label
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label
 
 
 def few_shot(items: Sequence[Item], shots: int, seed: int) -> List[Item]:
@@ -121,9 +151,12 @@ class FewShotDataModule(pl.LightningDataModule):
     def _loader(self, items, transform, batch_size, shuffle=False, shard=False):
         data = ImageItems(items, self.load_image, transform)
         world = self.trainer.world_size if shard and self.trainer else 1
-        sampler = (UnrepeatedDistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank,
-                                                shuffle=False) if world > 1 else None)
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+        if world > 1:
+            sampler = UnrepeatedDistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank,
+                                                   shuffle=False)
+        else:
+            sampler = EpochSeededSampler(len(data), self.seed) if shuffle else None
+        return DataLoader(data, batch_size=batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):

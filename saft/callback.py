@@ -52,7 +52,7 @@ class SparseMaskCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainable = {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
         eligible = {n: p for n, p in self._trainable.items()
-                    if is_eligible(n, ("image", "text", "logit_scale"), self.include, self.exclude)}
+                    if is_eligible(n, self.include, self.exclude)}
         if not eligible:
             raise ConfigError("no parameter is eligible for the mask: check method.towers and "
                               "method.mask.include / exclude")
@@ -77,22 +77,23 @@ class SparseMaskCallback(pl.Callback):
         if self.selection == "random":
             scores = random_scores({n: p.shape for n, p in eligible.items()}, self.seed)
         else:
-            scores = self._gradient_scores(trainer, pl_module, eligible)
+            loader = trainer.datamodule.mask_dataloader(trainer.global_rank, trainer.world_size)
+            scores = self.gradient_scores(loader, pl_module, eligible, trainer.strategy.batch_to_device)
         flat = flatten_mask(select_topk(scores, k, self.scope), sizes).to(pl_module.device)
         if _distributed():
             # Every rank computed the same selection; rank 0's copy is sent so they cannot differ.
             dist.broadcast(flat, src=0)
         return unflatten_mask(flat.cpu(), sizes)
 
-    def _gradient_scores(self, trainer, pl_module, eligible):
-        """One pass over the whole training set (this rank's share), fp32, evaluation transforms."""
-        loader = trainer.datamodule.mask_dataloader(trainer.global_rank, trainer.world_size)
+    def gradient_scores(self, loader, pl_module, eligible, to_device=lambda batch: batch):
+        """Scores of one pass over ``loader`` (this rank's share of the whole training set, evaluation
+        transforms), in fp32, summed over ranks."""
         was_training = pl_module.training
         pl_module.eval()
         pl_module.zero_grad(set_to_none=True)
         scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in eligible.items()}
         for batch in loader:
-            batch = trainer.strategy.batch_to_device(batch)
+            batch = to_device(batch)
             pl_module.loss(batch, reduction="sum").backward()
             accumulate_scores(scores, {n: p.grad for n, p in eligible.items() if p.grad is not None}, self.score)
             pl_module.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ parameter, holding only parameters with at least one selected entry.
 """
 import re
 from collections import Counter
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -34,11 +34,8 @@ def block_of(name: str) -> str:
     return re.sub(r"\.(weight|bias)$", "", name)
 
 
-def is_eligible(name: str, towers: Iterable[str], include=(), exclude=()) -> bool:
-    """A parameter is eligible if its tower is listed, it matches an include regex (if any) and no
-    exclude regex."""
-    if tower_of(name) not in towers:
-        return False
+def is_eligible(name: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
+    """Matches an ``include`` regex (when any are given) and no ``exclude`` regex."""
     if include and not any(re.search(p, name) for p in include):
         return False
     return not any(re.search(p, name) for p in exclude)

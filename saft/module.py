@@ -42,7 +42,10 @@ class CLIPClassifier(pl.LightningModule):
 
     # --- heads -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
+        self.use_datamodule(self.trainer.datamodule)
+
+    def use_datamodule(self, dm) -> None:
+        """Training class prompts, eval sets and their metrics come from the datamodule."""
         self.classnames = dm.classnames()
         self.train_tokens = tokenize_prompts(self.tokenizer, self.classnames, dm.templates()[: self.train_templates])
         self.eval_sets = dm.eval_sets()

@@ -1,0 +1,125 @@
+"""Training through the real configs, in-process: the frozen invariant, methods, determinism, resume."""
+import csv
+
+import pytest
+import torch
+
+from conftest import FAST, changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg
+from saft import run
+from saft.callback import SparseMaskCallback
+from saft.clip import ConfigError
+from saft.mask import select_topk
+
+EVERY_STEP = ["checkpoint.every_n_train_steps=1"]
+
+
+def _train(tmp_path, name, overrides):
+    cfg = compose_cfg(tmp_path / name, FAST + EVERY_STEP + list(overrides))
+    return cfg, run.train(cfg)
+
+
+def _assert_frozen_outside_mask(cfg, out_dir, results):
+    ckpt = checkpoint(out_dir)
+    assert ckpt["global_step"] == cfg.trainer.max_steps
+    masks = ckpt_masks(ckpt)
+    k = sum(i.numel() for i in masks.values())
+    changed = changed_entries(run.base_parameters(cfg), ckpt_params(ckpt))
+    n_changed = sum(i.numel() for i in changed.values())
+    assert 0 < n_changed <= k == results["num_trainable"]
+    assert results["num_changed"] == n_changed
+    for name, idx in changed.items():
+        assert name in masks and torch.isin(idx, masks[name]).all(), f"{name} changed outside the mask"
+    return masks
+
+
+@pytest.mark.parametrize("method", ["saft", "random_mask"])
+def test_entries_outside_the_mask_stay_bit_exact(tmp_path, method):
+    """AdamW weight decay, gradient clipping and bf16 autocast all on."""
+    cfg, results = _train(tmp_path, method, [f"method={method}", "sparsity=0.01", "trainer.precision=bf16-mixed",
+                                             "trainer.gradient_clip_val=0.05", "method.optimizer.weight_decay=0.5",
+                                             "method.optimizer.lr=0.01"])
+    n_eligible = results["num_params"] - 1  # every entry but the frozen logit scale
+    assert results["num_trainable"] == round(0.01 * n_eligible)
+    _assert_frozen_outside_mask(cfg, tmp_path / method, results)
+
+
+def test_full_ft_changes_far_more_and_zeroshot_nothing(tmp_path):
+    _, ft = _train(tmp_path, "ft", ["method=full_ft", "method.optimizer.lr=1e-3"])
+    _, zs = _train(tmp_path, "zs", ["method=zeroshot"])
+    assert ft["num_trainable"] == ft["num_params"] - 1
+    assert ft["num_changed"] > 100 * round(0.001 * ft["num_params"])
+    assert zs["num_trainable"] == 0 and zs["num_changed"] == 0
+    assert set(zs["metrics"]) == {"photo", "sketch", "negative"} and zs["id"] == "photo"
+    assert all(m["n"] == 24 for m in zs["metrics"].values())
+
+
+def test_tower_choice_freezes_the_other_tower(tmp_path):
+    cfg, results = _train(tmp_path, "img", ["method=full_ft", "method.towers=[image]", "method.optimizer.lr=1e-3"])
+    changed = changed_entries(run.base_parameters(cfg), ckpt_params(checkpoint(tmp_path / "img")))
+    assert changed and all(n.startswith("visual.") for n in changed)
+
+
+def test_same_seed_same_split_mask_and_metrics_other_seed_differs(tmp_path):
+    runs = {name: _train(tmp_path, name, [f"seed={seed}"]) for name, seed in (("a", 1), ("b", 1), ("c", 2))}
+    masks = {name: ckpt_masks(checkpoint(tmp_path / name)) for name in runs}
+    splits = {name: (tmp_path / name / "split.json").read_text() for name in runs}
+    assert splits["a"] == splits["b"] != splits["c"]
+    assert masks["a"].keys() == masks["b"].keys()
+    assert all(torch.equal(masks["a"][n], masks["b"][n]) for n in masks["a"])
+    assert runs["a"][1]["metrics"] == runs["b"][1]["metrics"]
+
+
+def test_gradient_scores_equal_the_full_batch_gradient(tmp_path):
+    """Scores accumulated over small batches equal |gradient of the summed loss over the whole set|."""
+    cfg = compose_cfg(tmp_path, FAST + ["eval_batch_size=5"])
+    datamodule, module = run.build(cfg)
+    module.use_datamodule(datamodule)
+    eligible = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    callback = SparseMaskCallback(sparsity=0.01)
+    scores = callback.gradient_scores(datamodule.mask_dataloader(), module, eligible)
+    items = datamodule.split["train"]
+    images = torch.stack([datamodule.eval_transform(datamodule.load_image(key)) for key, _ in items])
+    labels = torch.tensor([label for _, label in items])
+    module.zero_grad(set_to_none=True)
+    module.eval()
+    module.loss((images, labels), reduction="sum").backward()
+    for n, p in eligible.items():
+        # Summation order differs, so compare at float precision relative to the tensor's scale.
+        torch.testing.assert_close(scores[n], p.grad.abs(), rtol=1e-4, atol=1e-4 * p.grad.abs().max().item())
+    reference = select_topk({n: p.grad.abs() for n, p in eligible.items()}, 20)
+    mask = select_topk(scores, 20)
+    overlap = sum(torch.isin(mask[n], reference[n]).sum().item() for n in mask if n in reference)
+    assert overlap >= 18  # near-ties may swap under float summation order
+
+
+def test_mask_statistics_are_logged(tmp_path):
+    _, results = _train(tmp_path, "s", [])
+    rows = list(csv.DictReader(open(tmp_path / "s" / "csv" / "metrics.csv")))
+    logged = next(r for r in rows if r.get("mask/k"))
+    assert float(logged["mask/k"]) == results["num_trainable"] == results["mask"]["mask/k"]
+    assert float(logged["mask/tower/image"]) + float(logged["mask/tower/text"]) == results["num_trainable"]
+    assert any(key.startswith("mask/block/visual.transformer.resblocks.") for key in logged)
+
+
+def test_resume_restores_the_mask_without_recomputing_it(tmp_path, monkeypatch):
+    """Checkpoints every 3 steps (an epoch: 24 images, batch 8); resume from step 3, finish at step 9."""
+    common = ["trainer.max_steps=9", "checkpoint.every_n_train_steps=3", "checkpoint.save_top_k=-1"]
+    _train(tmp_path, "full", common)
+    mid = next((tmp_path / "full" / "checkpoints").glob("step_000003.ckpt"))
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the mask was recomputed on resume")
+    monkeypatch.setattr(SparseMaskCallback, "_select", no_recompute)
+    _train(tmp_path, "resumed", common + [f"ckpt_path={mid}"])
+    full, resumed = checkpoint(tmp_path / "full", "last.ckpt"), checkpoint(tmp_path / "resumed", "last.ckpt")
+    assert resumed["global_step"] == full["global_step"] == 9
+    assert all(torch.equal(ckpt_masks(full)[n], ckpt_masks(resumed)[n]) for n in ckpt_masks(full))
+    final_full, final_resumed = ckpt_params(full), ckpt_params(resumed)
+    assert all(torch.equal(final_full[n], final_resumed[n]) for n in final_full)
+
+
+def test_resume_with_other_mask_settings_is_refused(tmp_path):
+    _train(tmp_path, "a", ["trainer.max_steps=3", "checkpoint.every_n_train_steps=3"])
+    with pytest.raises(ConfigError, match="resume with the run's own config"):
+        _train(tmp_path, "b", ["trainer.max_steps=6", "sparsity=0.01",
+                               f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"])
