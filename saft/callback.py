@@ -2,6 +2,7 @@
 
 The math lives in ``saft.mask``; the optimizer that never writes an unselected entry in ``saft.optim``.
 """
+import logging
 from typing import Dict, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -9,10 +10,12 @@ import torch
 import torch.distributed as dist
 
 from saft.clip import ConfigError
+from saft.delta import state_checksum
 from saft.mask import (SCOPES, SCORES, Mask, accumulate_scores, finalize_scores, flatten_mask,
                        is_eligible, mask_stats, num_selected, random_scores, select_topk, unflatten_mask)
 from saft.optim import MaskedAdamW
 
+log = logging.getLogger(__name__)
 SELECTIONS = ("gradient", "random")
 
 
@@ -64,6 +67,8 @@ class SparseMaskCallback(pl.Callback):
             raise ConfigError("the mask restored from the checkpoint does not fit this model and config "
                               "(different towers, patterns or sparsity?); resume with the run's own config")
         self.stats = mask_stats(self.masks, sizes, k)
+        # Per-rank fingerprint in each rank's log: masks must be identical on every rank.
+        log.info("rank %d: mask of %d entries, sha256 %s", trainer.global_rank, k, state_checksum(self.masks))
         for optimizer in trainer.optimizers:
             if not isinstance(optimizer, MaskedAdamW):
                 raise ConfigError(f"a masked method needs saft.optim.MaskedAdamW, which never writes an "

@@ -93,7 +93,7 @@ class CLIPClassifier(pl.LightningModule):
         self.val_acc.update(self(images, self.eval_head(0)), labels)
 
     def on_validation_epoch_end(self):
-        self.log("val/top1", 100 * self.val_acc.compute(), prog_bar=True)
+        self.log("val/top1", 100 * self.val_acc.compute(), prog_bar=True, sync_dist=True)  # equal on all ranks
         self.val_acc.reset()
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
@@ -109,7 +109,7 @@ class CLIPClassifier(pl.LightningModule):
             self.results[s.name] = {"top1": top1, "n": int(self.test_n[s.name].compute().item())}
             self.test_acc[s.name].reset()
             self.test_n[s.name].reset()
-        self.log_dict({f"test/{n}/top1": r["top1"] for n, r in self.results.items()})
+        self.log_dict({f"test/{n}/top1": r["top1"] for n, r in self.results.items()}, sync_dist=True)
 
     # --- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -96,6 +96,10 @@ def train(cfg: DictConfig) -> dict:
         datamodule.save_split(out / "split.json")
     if cfg.method.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
+        trainer.save_checkpoint(Path(cfg.checkpoint.dirpath) / "last.ckpt")
+        log.info("rank %d: trained weights sha256 %s", trainer.global_rank,
+                 state_checksum(dict(module.model.named_parameters())))
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = None
     if trainer.is_global_zero:

@@ -1,0 +1,134 @@
+"""train.py and eval.py as a user runs them: subprocesses, real configs, files on disk."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import changed_entries, checkpoint, ckpt_masks, ckpt_params, read_results, run_script
+
+QUICK = ["trainer.enable_progress_bar=false", "dataset.datamodule.test_per_class=5",
+         "dataset.datamodule.train_per_class=8"]
+SCHEMA = {"method", "model", "dataset", "shots", "seed", "sparsity", "num_params", "num_trainable",
+          "num_changed", "metrics", "id", "ood", "ood_mean_top1"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The issue's own command line, once for the module."""
+    out = tmp_path_factory.mktemp("run") / "saft"
+    run_script("train.py", ["dataset=synthetic", "model=tiny", "method=saft", "sparsity=0.001", "shots=4", "seed=1",
+                            "trainer.max_steps=20", "logger=csv", f"hydra.run.dir={out}", *QUICK])
+    return out
+
+
+def test_training_run_writes_results_delta_checkpoints_and_split(trained):
+    results = read_results(trained)
+    assert SCHEMA <= set(results)
+    assert results["id"] == "photo" and results["ood"] == ["sketch", "negative"]
+    assert results["ood_mean_top1"] == pytest.approx(sum(results["metrics"][n]["top1"] for n in results["ood"]) / 2)
+    assert all(0 <= m["top1"] <= 100 and m["n"] == 30 for m in results["metrics"].values())
+    ckpt = checkpoint(trained)
+    assert ckpt["global_step"] == 20
+    split = json.loads((trained / "split.json").read_text())
+    assert len(split["train"]) == 6 * 4 and len(split["val"]) == 6 * 4
+    # base + delta == the trained model, and the delta only touches the mask
+    tensors = load_file(str(trained / "delta.safetensors"))
+    final, masks = ckpt_params(ckpt), ckpt_masks(ckpt)
+    from saft.clip import load_clip
+    base = {n: p.detach().clone() for n, p in load_clip("saft-tiny", None, 0)[0].named_parameters()}
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    assert set(tensors) == {f"{n}.{s}" for n in names for s in ("idx", "val")}
+    assert names == set(changed_entries(base, final))
+    for n in names:
+        idx = tensors[f"{n}.idx"]
+        assert idx.dtype == torch.int64 and torch.isin(idx, masks[n]).all()
+        base[n].view(-1)[idx] = tensors[f"{n}.val"]
+    assert all(torch.equal(base[n], final[n]) for n in final)
+    assert results["num_changed"] == sum(tensors[f"{n}.idx"].numel() for n in names) <= results["num_trainable"]
+
+
+def test_eval_of_a_run_reproduces_its_metrics_exactly(trained, tmp_path):
+    run_script("eval.py", [f"run_dir={trained}", f"hydra.run.dir={tmp_path / 'e'}"])
+    trained_results, evaluated = read_results(trained), read_results(tmp_path / "e")
+    assert evaluated["metrics"] == trained_results["metrics"]
+    for key in ("method", "model", "num_trainable", "num_changed", "shots", "seed"):
+        assert evaluated[key] == trained_results[key]
+
+
+def test_eval_of_a_run_accepts_other_data_overrides(trained, tmp_path):
+    run_script("eval.py", [f"run_dir={trained}", "dataset.datamodule.test_per_class=2",
+                           f"hydra.run.dir={tmp_path / 'e'}"])
+    assert all(m["n"] == 12 for m in read_results(tmp_path / "e")["metrics"].values())
+
+
+def test_eval_without_run_dir_is_zero_shot(trained, tmp_path):
+    run_script("eval.py", [f"hydra.run.dir={tmp_path / 'z'}", *QUICK])
+    zs = read_results(tmp_path / "z")
+    assert zs["method"] == "zeroshot" and zs["num_changed"] == zs["num_trainable"] == 0
+    assert zs["metrics"] != read_results(trained)["metrics"]
+
+
+def test_multirun_over_methods_with_max_epochs_and_wandb_offline(tmp_path):
+    run_script("train.py", ["-m", "method=full_ft,random_mask,zeroshot", "shots=4", "trainer.max_epochs=2",
+                            "logger=wandb", f"hydra.sweep.dir={tmp_path}", *QUICK],
+               env={"WANDB_MODE": "offline"})
+    runs = {read_results(p.parent)["method"]: p.parent for p in tmp_path.glob("*/results.json")}
+    assert set(runs) == {"full_ft", "random_mask", "zeroshot"}
+    assert checkpoint(runs["full_ft"])["global_step"] == 2  # 24 images, batch 32: one step per epoch
+    wandb_runs = [list((d / "wandb").glob("offline-run-*")) for d in runs.values()]
+    assert all(len(w) == 1 for w in wandb_runs)  # one wandb run per job
+    assert len({w[0].name for w in wandb_runs}) == 3
+    full, rnd = read_results(runs["full_ft"]), read_results(runs["random_mask"])
+    assert full["num_changed"] > 100 * rnd["num_trainable"] >= 100 * rnd["num_changed"]
+
+
+def test_ddp_on_two_cpu_processes_keeps_masks_identical_and_frozen(tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_script("train.py", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "shots=4",
+                                   "trainer.max_steps=4", "sparsity=0.01", f"hydra.run.dir={out}", *QUICK])
+    lines = (proc.stdout + proc.stderr).splitlines()  # both ranks print to the same console
+
+    def fingerprints(what):
+        return {rank: [ln.split("sha256 ")[1] for ln in lines if f"rank {rank}: {what}" in ln] for rank in (0, 1)}
+    for what in ("mask of", "trained weights"):
+        per_rank = fingerprints(what)
+        assert len(per_rank[0]) == len(per_rank[1]) == 1 and per_rank[0] == per_rank[1], what
+    results = read_results(out)
+    assert all(m["n"] == 30 for m in results["metrics"].values())  # each test image counted once
+    ckpt = checkpoint(out)
+    from saft.clip import load_clip
+    base = {n: p.detach() for n, p in load_clip("saft-tiny", None, 0)[0].named_parameters()}
+    changed, masks = changed_entries(base, ckpt_params(ckpt)), ckpt_masks(ckpt)
+    assert 0 < sum(i.numel() for i in changed.values()) <= results["num_trainable"]
+    assert all(torch.isin(idx, masks[n]).all() for n, idx in changed.items())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sparsity=2"], "sparsity=2 must be a number in (0, 1]"),
+    (["sparsity=0"], "sparsity=0 must be a number in (0, 1]"),
+    (["shots=0"], "shots=0 must be a positive integer"),
+    (["shots=2.5"], "shots=2.5 must be a positive integer"),
+    (["model.pretrained=/no/such/file.pt"], "is not a file"),
+    (["model.name=NoSuchArch"], "unknown open_clip architecture"),
+])
+def test_bad_input_gets_one_clear_message(tmp_path, args, message):
+    proc = run_script("train.py", [*args, f"hydra.run.dir={tmp_path}"], check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_finished_run_is_never_overwritten(trained, tmp_path):
+    before = (trained / "results.json").read_bytes()
+    proc = run_script("train.py", [f"hydra.run.dir={trained}"], check=False)
+    assert proc.returncode == 2 and "already holds a finished run" in proc.stderr
+    assert (trained / "results.json").read_bytes() == before
+
+
+def test_eval_refuses_what_is_not_a_run_and_a_model_override(trained, tmp_path):
+    proc = run_script("eval.py", [f"run_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'e'}"], check=False)
+    assert proc.returncode == 2 and "is not a finished training run" in proc.stderr
+    proc = run_script("eval.py", [f"run_dir={trained}", "model=vit_b16", f"hydra.run.dir={tmp_path / 'f'}"],
+                      check=False)
+    assert proc.returncode == 2 and "delta belongs to the run's base model" in proc.stderr
