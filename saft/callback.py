@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from saft.clip import ConfigError
+from saft.errors import ConfigError
 from saft.delta import state_checksum
 from saft.mask import (SCOPES, SCORES, Mask, accumulate_scores, finalize_scores, flatten_mask,
                        is_eligible, mask_stats, num_selected, random_scores, select_topk, unflatten_mask)

@@ -7,13 +7,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from saft.errors import ConfigError
+
 # Architectures this project defines (e.g. the tiny test model) live beside the model configs.
 ARCH_DIR = Path(__file__).resolve().parent.parent / "conf" / "model" / "open_clip"
 open_clip.add_model_config(ARCH_DIR)
-
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration or the inputs; reported without a traceback."""
 
 
 def load_clip(name: str, pretrained: Optional[str] = None, init_seed: int = 0,

@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from saft.clip import ConfigError
+from saft.errors import ConfigError
 
 Delta = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # name -> (flat int64 indices, final values)
 _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -15,7 +15,8 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from saft.clip import ConfigError, load_clip
+from saft.clip import load_clip
+from saft.errors import ConfigError
 from saft.delta import (apply_delta, compute_delta, load_delta, num_changed, save_delta,
                         state_checksum)
 from saft.module import CLIPClassifier
@@ -45,8 +46,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"sparsity={cfg.sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
     out = output_dir()
     if (out / RESULTS).exists() and not cfg.get("ckpt_path"):
-        raise ConfigError(f"{out} already holds a finished run ({RESULTS}); choose another hydra.run.dir "
-                          f"so its results are not overwritten")
+        raise ConfigError(f"{out} already holds finished results ({RESULTS}); choose another hydra.run.dir "
+                          f"so they are not overwritten")
 
 
 def output_dir() -> Path:
@@ -91,9 +92,8 @@ def train(cfg: DictConfig) -> dict:
     mask_callback = hydra.utils.instantiate(cfg.method.mask) if cfg.method.get("mask") else None
     callbacks = [c for c in (mask_callback, hydra.utils.instantiate(cfg.checkpoint)) if c is not None]
     trainer = make_trainer(cfg, callbacks)
-    out = output_dir()
     if trainer.is_global_zero:
-        datamodule.save_split(out / "split.json")
+        datamodule.save_split(output_dir() / "split.json")
     if cfg.method.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
@@ -101,21 +101,25 @@ def train(cfg: DictConfig) -> dict:
         log.info("rank %d: trained weights sha256 %s", trainer.global_rank,
                  state_checksum(dict(module.model.named_parameters())))
     trainer.test(module, datamodule=datamodule, verbose=False)
-    results = None
-    if trainer.is_global_zero:
-        base = base_parameters(cfg)
-        delta = compute_delta(base, dict(module.model.named_parameters()))
-        save_delta(out / DELTA, delta, {"model.name": cfg.model.name, "model.pretrained": str(cfg.model.pretrained),
-                                        "base_sha256": state_checksum(base)})
-        if mask_callback is not None:
-            num_trainable = mask_callback.stats["mask/k"]
-        else:
-            num_trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-        extra = {"mask": mask_callback.stats} if mask_callback is not None else {}
-        results = _results(cfg, module, datamodule, num_trainable, num_changed(delta), extra)
-        write_json(out / RESULTS, results)
-        log.info("results: %s", out / RESULTS)
+    results = write_artifacts(cfg, module, datamodule, mask_callback) if trainer.is_global_zero else None
     finish(trainer)
+    return results
+
+
+def write_artifacts(cfg, module, datamodule, mask_callback) -> dict:
+    """delta.safetensors against the rebuilt base model, then results.json."""
+    out = output_dir()
+    base = base_parameters(cfg)
+    delta = compute_delta(base, dict(module.model.named_parameters()))
+    save_delta(out / DELTA, delta, {"model.name": cfg.model.name, "model.pretrained": str(cfg.model.pretrained),
+                                    "base_sha256": state_checksum(base)})
+    if mask_callback is not None:
+        num_trainable, extra = mask_callback.stats["mask/k"], {"mask": mask_callback.stats}
+    else:
+        num_trainable, extra = sum(p.numel() for p in module.model.parameters() if p.requires_grad), {}
+    results = _results(cfg, module, datamodule, num_trainable, num_changed(delta), extra)
+    write_json(out / RESULTS, results)
+    log.info("results: %s", out / RESULTS)
     return results
 
 
@@ -155,6 +159,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else None
     if run_dir is not None:
         cfg = compose_for_run(run_dir, HydraConfig.get().overrides.task)
+    validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     num_trainable = changed = 0

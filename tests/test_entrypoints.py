@@ -122,7 +122,7 @@ def test_bad_input_gets_one_clear_message(tmp_path, args, message):
 def test_a_finished_run_is_never_overwritten(trained, tmp_path):
     before = (trained / "results.json").read_bytes()
     proc = run_script("train.py", [f"hydra.run.dir={trained}"], check=False)
-    assert proc.returncode == 2 and "already holds a finished run" in proc.stderr
+    assert proc.returncode == 2 and "already holds finished results" in proc.stderr
     assert (trained / "results.json").read_bytes() == before
 
 

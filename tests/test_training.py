@@ -7,7 +7,7 @@ import torch
 from conftest import FAST, changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg
 from saft import run
 from saft.callback import SparseMaskCallback
-from saft.clip import ConfigError
+from saft.errors import ConfigError
 from saft.mask import select_topk
 
 EVERY_STEP = ["checkpoint.every_n_train_steps=1"]
