@@ -101,3 +101,12 @@ def test_logits_use_a_clamped_scale(tiny):
     torch.testing.assert_close(logits, 100.0 * features @ head)
     assert model.logit_scale.item() == 10.0  # the parameter itself is not rewritten
     assert math.isclose(math.log(100), 4.60517, rel_tol=1e-5)
+
+
+def test_vit_b16_config_builds_clip_with_quickgelu():
+    """model=vit_b16 must compute with QuickGELU, the activation OpenAI's weights were trained with."""
+    from open_clip.transformer import QuickGELU
+    model = load_clip("ViT-B-16-quickgelu", None)[0]
+    acts = [m for m in model.modules() if isinstance(m, QuickGELU)]
+    assert len(acts) == 24  # one per residual block of both towers
+    assert sum(p.numel() for p in model.parameters()) > 149_000_000

@@ -43,6 +43,24 @@ def test_entries_outside_the_mask_stay_bit_exact(tmp_path, method):
     _assert_frozen_outside_mask(cfg, tmp_path / method, results)
 
 
+@pytest.mark.parametrize("score, scope", [("sum_abs", "global"), ("fisher", "per_tensor"), ("abs_sum", "per_tensor")])
+def test_every_score_and_scope_trains_exactly_k_entries(tmp_path, score, scope):
+    cfg, results = _train(tmp_path, "r", [f"method.mask.score={score}", f"method.mask.scope={scope}",
+                                          "sparsity=0.005", "method.optimizer.lr=0.01"])
+    masks = _assert_frozen_outside_mask(cfg, tmp_path / "r", results)
+    if scope == "per_tensor":  # every tensor of the towers gets its share of k
+        assert len(masks) >= 0.9 * sum(1 for v in run.base_parameters(cfg).values() if 0.005 * v.numel() >= 1)
+
+
+def test_eligibility_patterns_restrict_the_mask(tmp_path):
+    cfg, results = _train(tmp_path, "r", ["method.mask.include=[resblocks]", "method.mask.exclude=[ln_]",
+                                          "sparsity=0.01", "method.optimizer.lr=0.01"])
+    masks = _assert_frozen_outside_mask(cfg, tmp_path / "r", results)
+    assert all("resblocks" in n and "ln_" not in n for n in masks)
+    eligible = sum(v.numel() for n, v in run.base_parameters(cfg).items() if "resblocks" in n and "ln_" not in n)
+    assert results["num_trainable"] == round(0.01 * eligible) == results["mask"]["mask/k"]
+
+
 def test_full_ft_changes_far_more_and_zeroshot_nothing(tmp_path):
     _, ft = _train(tmp_path, "ft", ["method=full_ft", "method.optimizer.lr=1e-3"])
     _, zs = _train(tmp_path, "zs", ["method=zeroshot"])
