@@ -1,30 +1,49 @@
 """The few-shot datamodule every dataset derives from.
 
-A dataset subclass says where its images are and what they are called (``pools``, ``eval_sets``,
-``load_image``, ``classnames``, ``templates``); this class does the CoOp-style few-shot draw, saves
-the drawn file list, and builds every loader the run needs.
+A dataset subclass says where its images are and what they are called (``check``, ``classnames``,
+``templates``, ``pools``, ``build_eval_sets``, ``load_image``); this class does the CoOp-style few-shot
+draw, the base-to-new split, extra evaluation sets, saves the drawn file list, and builds every loader.
 """
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
-from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 import torch
+from PIL import Image
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from saft.errors import ConfigError
 
 Item = Tuple[Any, int]  # (a JSON-able key such as a relative path, label)
 
 
+PROTOCOLS = ("all", "base2new")
+
+
 @dataclass
 class EvalSet:
-    """A named test set with the class names (and prompt templates) of its own head."""
+    """A named test set with the class names and prompt templates of its own head, and the function that
+    loads its images (so sets of other datasets can join a run)."""
     name: str
     items: List[Item]
     classnames: List[str]
     templates: Sequence[str]
+    load: Callable
+
+
+def base_new_split(eval_set: EvalSet) -> List[EvalSet]:
+    """CoOp's base-to-new split: sorted labels, first ceil(n/2) = base, the rest = new, each relabelled
+    from 0 with its own head."""
+    m = math.ceil(len(eval_set.classnames) / 2)
+    base = [(k, l) for k, l in eval_set.items if l < m]
+    new = [(k, l - m) for k, l in eval_set.items if l >= m]
+    return [EvalSet("base", base, eval_set.classnames[:m], eval_set.templates, eval_set.load),
+            EvalSet("new", new, eval_set.classnames[m:], eval_set.templates, eval_set.load)]
 
 
 class EpochSeededSampler(Sampler):
@@ -71,6 +90,25 @@ class ImageItems(Dataset):
             return self.transform(image), label
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class ImageFolder:
+    """Loads ``root / key`` as an RGB image; picklable, so DataLoader workers can use it."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def __call__(self, key: str) -> Image.Image:
+        with Image.open(self.root / key) as image:
+            return image.convert("RGB")
+
+
+def list_images(folder: Path) -> List[str]:
+    """Image file names in ``folder``, sorted, so a listing is the same on every machine."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def few_shot(items: Sequence[Item], shots: int, seed: int) -> List[Item]:
     """CoOp's draw: seed Python's ``random``, then ``random.sample(items_of_label, shots)`` per label in
     label order. A label with fewer items than ``shots`` keeps all of them (as CoOp does)."""
@@ -86,31 +124,48 @@ def few_shot(items: Sequence[Item], shots: int, seed: int) -> List[Item]:
 
 
 class FewShotDataModule(pl.LightningDataModule):
-    """Base class. Subclasses implement the five methods marked *dataset* below."""
+    """Base class. Subclasses implement the methods marked *dataset* below.
+
+    ``protocol=base2new`` trains on the first half of the classes and evaluates the ID test set split
+    into ``base`` and ``new``; ``add_eval_sets`` adds other datasets' test sets (cross-dataset transfer).
+    """
 
     def __init__(self, shots: int = 16, seed: int = 1, batch_size: int = 32, eval_batch_size: int = 64,
-                 num_workers: int = 0, split_file: Optional[str] = None):
+                 num_workers: int = 0, split_file: Optional[str] = None, protocol: str = "all"):
         super().__init__()
-        self.shots, self.seed = shots, seed
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"dataset protocol {protocol!r} is not one of {PROTOCOLS}")
+        self.shots, self.seed, self.protocol = shots, seed, protocol
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.split_file = split_file
         self.train_transform = self.eval_transform = None
         self._split: Optional[Dict[str, List[Item]]] = None
+        self._eval_sets: Optional[List[EvalSet]] = None
+        self._extra_sets: List[EvalSet] = []
 
     # --- dataset -----------------------------------------------------------------------------------
-    def classnames(self) -> List[str]:
-        """Training class names, index = label."""
+    def check(self) -> None:
+        """Stop with a ``ConfigError`` naming the dataset, the path, the expected layout and where the
+        data comes from, if the files are missing or malformed. Cheap: runs before the model loads."""
+
+    def all_classnames(self) -> List[str]:
+        """Class names of the training label space, index = label."""
         raise NotImplementedError
 
     def templates(self) -> Sequence[str]:
-        """Prompt templates (``"a photo of a {}."``) for the heads of this dataset."""
+        """Prompt templates (``"a photo of a {}."`` or callables) of this dataset's evaluation heads."""
         raise NotImplementedError
+
+    def train_templates(self) -> Sequence[str]:
+        """Templates of the training head, re-encoded every step while the text tower trains."""
+        return self.templates()[:1]
 
     def pools(self) -> Dict[str, List[Item]]:
-        """``{"train": items, "val": items}`` from which the few-shot sets are drawn."""
+        """``{"train": items}`` and optionally ``"val"``; without a val pool, validation examples are
+        drawn from the training items left after the few-shot draw."""
         raise NotImplementedError
 
-    def eval_sets(self) -> List[EvalSet]:
+    def build_eval_sets(self) -> List[EvalSet]:
         """Test sets, the in-distribution one first."""
         raise NotImplementedError
 
@@ -119,6 +174,25 @@ class FewShotDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------------
+    def classnames(self) -> List[str]:
+        """Training class names (the base half under ``base2new``)."""
+        names = self.all_classnames()
+        return names[: math.ceil(len(names) / 2)] if self.protocol == "base2new" else names
+
+    def eval_sets(self) -> List[EvalSet]:
+        if self._eval_sets is None:
+            own = self.build_eval_sets()
+            self._eval_sets = base_new_split(own[0]) if self.protocol == "base2new" else own
+        return self._eval_sets + self._extra_sets
+
+    def add_eval_sets(self, sets: Sequence[EvalSet]) -> None:
+        """Evaluate on other datasets' test sets too (their own heads and loaders)."""
+        taken = {s.name for s in self.eval_sets()}
+        clash = [s.name for s in sets if s.name in taken]
+        if clash:
+            raise ConfigError(f"eval set names {clash} are already used in this run; list each dataset once")
+        self._extra_sets.extend(sets)
+
     @property
     def id_name(self) -> str:
         return self.eval_sets()[0].name
@@ -140,16 +214,24 @@ class FewShotDataModule(pl.LightningDataModule):
                 self._split = {k: [(key, int(label)) for key, label in v] for k, v in saved.items()}
             else:
                 pools = self.pools()
-                self._split = {"train": few_shot(pools["train"], self.shots, self.seed),
-                               "val": few_shot(pools["val"], min(self.shots, 4), self.seed)}
+                if self.protocol == "base2new":
+                    m = len(self.classnames())
+                    pools = {k: [i for i in v if i[1] < m] for k, v in pools.items()}
+                train = few_shot(pools["train"], self.shots, self.seed)
+                if "val" in pools:
+                    val_pool = pools["val"]
+                else:
+                    chosen = {key for key, _ in train}
+                    val_pool = [i for i in pools["train"] if i[0] not in chosen]
+                self._split = {"train": train, "val": few_shot(val_pool, min(self.shots, 4), self.seed)}
         return self._split
 
     def save_split(self, path) -> None:
         """Write the drawn items so the run can be repeated exactly (``split_file=<path>``)."""
         Path(path).write_text(json.dumps({k: [list(i) for i in v] for k, v in self.split.items()}))
 
-    def _loader(self, items, transform, batch_size, shuffle=False, shard=False):
-        data = ImageItems(items, self.load_image, transform)
+    def _loader(self, items, transform, batch_size, shuffle=False, shard=False, load=None):
+        data = ImageItems(items, load or self.load_image, transform)
         world = self.trainer.world_size if shard and self.trainer else 1
         if world > 1:
             sampler = UnrepeatedDistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank,
@@ -172,5 +254,5 @@ class FewShotDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         """One loader per eval set; under DDP each rank takes a disjoint share (no padded repeats, so
         the example counts are exact)."""
-        return [self._loader(s.items, self.eval_transform, self.eval_batch_size, shard=True)
+        return [self._loader(s.items, self.eval_transform, self.eval_batch_size, shard=True, load=s.load)
                 for s in self.eval_sets()]

@@ -62,7 +62,7 @@ class SyntheticDataModule(FewShotDataModule):
         self.train_per_class, self.val_per_class = train_per_class, val_per_class
         self.test_per_class, self.image_size = test_per_class, image_size
 
-    def classnames(self) -> List[str]:
+    def all_classnames(self) -> List[str]:
         return list(SHAPES)
 
     def templates(self):
@@ -76,9 +76,9 @@ class SyntheticDataModule(FewShotDataModule):
         return {"train": self._items("train", "photo", self.train_per_class),
                 "val": self._items("val", "photo", self.val_per_class)}
 
-    def eval_sets(self):
-        return [EvalSet(style, self._items("test", style, self.test_per_class), self.classnames(),
-                        self.templates()) for style in STYLES]
+    def build_eval_sets(self):
+        return [EvalSet(style, self._items("test", style, self.test_per_class), self.all_classnames(),
+                        self.templates(), self.load_image) for style in STYLES]
 
     def load_image(self, key: str) -> Image.Image:
         _, style, index = key.split("/")

@@ -22,16 +22,15 @@ class CLIPClassifier(pl.LightningModule):
 
     The training head is re-encoded from the class prompts on every step while any text-tower parameter
     trains, so gradients reach the text tower (cost: one text forward and backward over
-    n_classes x n_train_templates prompts per step); when the text tower is frozen it is encoded once.
+    n_classes x len(datamodule.train_templates()) prompts per step); when the text tower is frozen it is encoded once.
     Evaluation heads use every template of the eval set and are cached until the weights change.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Callable, optimizer: Optional[Callable] = None,
-                 towers: Sequence[str] = ("image", "text"), train_templates: int = 1,
-                 warmup_fraction: float = 0.1, schedule: str = "cosine"):
+                 towers: Sequence[str] = ("image", "text"), warmup_fraction: float = 0.1, schedule: str = "cosine"):
         super().__init__()
         self.model, self.tokenizer, self.optimizer_factory = model, tokenizer, optimizer
-        self.train_templates, self.warmup_fraction, self.schedule = train_templates, warmup_fraction, schedule
+        self.warmup_fraction, self.schedule = warmup_fraction, schedule
         # Decided here, before any DDP wrap: DDP fixes the set of parameters that need gradients.
         for name, p in self.model.named_parameters():
             p.requires_grad_(optimizer is not None and tower_of(name) in towers)
@@ -47,7 +46,7 @@ class CLIPClassifier(pl.LightningModule):
     def use_datamodule(self, dm) -> None:
         """Training class prompts, eval sets and their metrics come from the datamodule."""
         self.classnames = dm.classnames()
-        self.train_tokens = tokenize_prompts(self.tokenizer, self.classnames, dm.templates()[: self.train_templates])
+        self.train_tokens = tokenize_prompts(self.tokenizer, self.classnames, dm.train_templates())
         self.eval_sets = dm.eval_sets()
         self.test_acc = nn.ModuleDict({s.name: MulticlassAccuracy(len(s.classnames), average="micro")
                                        for s in self.eval_sets})

@@ -13,7 +13,7 @@ import hydra
 import pytorch_lightning as pl
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saft.clip import load_clip
 from saft.errors import ConfigError
@@ -24,6 +24,7 @@ from saft.results import RESULTS, build_results, write_json
 
 log = logging.getLogger(__name__)
 DELTA = "delta.safetensors"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def reports_user_errors(main):
@@ -54,16 +55,36 @@ def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def build_datamodule(cfg: DictConfig):
+    """The run's datamodule plus the test sets of ``eval_datasets``; every layout is checked here,
+    before any model is loaded."""
+    datamodule = hydra.utils.instantiate(cfg.dataset.datamodule)
+    datamodule.check()
+    for name in cfg.get("eval_datasets") or []:
+        path = CONF_DIR / "dataset" / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise ConfigError(f"eval_datasets: there is no dataset config {name!r}; choose from {known}")
+        other_cfg = cfg.copy()
+        with open_dict(other_cfg):  # the group config as Hydra would compose it, under this run's keys
+            loader = OmegaConf.load(CONF_DIR / "fewshot_loader.yaml")
+            other_cfg.dataset = {"datamodule": OmegaConf.merge(loader, OmegaConf.load(path).datamodule)}
+            other_cfg.protocol = "all"
+        other = hydra.utils.instantiate(other_cfg.dataset.datamodule)
+        other.check()
+        datamodule.add_eval_sets(other.eval_sets())
+    return datamodule
+
+
 def build(cfg: DictConfig):
     """The datamodule (checked first: it is cheap), then the model around it."""
-    datamodule = hydra.utils.instantiate(cfg.dataset.datamodule)
+    datamodule = build_datamodule(cfg)
     model, train_tf, eval_tf, tokenizer = load_clip(**cfg.model)
     datamodule.set_transforms(train_tf, eval_tf)
     method = cfg.method
     optimizer = hydra.utils.instantiate(method.optimizer) if method.train else None
     module = CLIPClassifier(model, tokenizer, optimizer, towers=list(method.towers),
-                            train_templates=method.train_templates, warmup_fraction=method.warmup_fraction,
-                            schedule=method.schedule)
+                            warmup_fraction=method.warmup_fraction, schedule=method.schedule)
     return datamodule, module
 
 
@@ -124,6 +145,10 @@ def write_artifacts(cfg, module, datamodule, mask_callback) -> dict:
 
 
 def _results(cfg, module, datamodule, num_trainable, changed, extra=None) -> dict:
+    extra = dict(extra or {})
+    if datamodule.protocol == "base2new":
+        base, new = module.results["base"]["top1"], module.results["new"]["top1"]
+        extra["hm"] = 2 * base * new / (base + new) if base + new else 0.0
     return build_results(method=cfg.method.name, model=cfg.model.name, dataset=cfg.dataset.name,
                          shots=cfg.shots, seed=cfg.seed, sparsity=cfg.sparsity,
                          num_params=sum(p.numel() for p in module.model.parameters()),
