@@ -154,7 +154,7 @@ def test_missing_dataset_stops_train_before_the_model_loads(tmp_path):
 def test_eval_and_train_on_every_dataset_end_to_end(data, tmp_path):
     datasets = ["imagenet", *sorted(COOP_FOLDERS)]
     run_script("eval.py", ["-m", f"dataset={','.join(datasets)}", f"data_dir={data}", "model=tiny",
-                           "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'eval'}"])
+                           "num_workers=0", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'eval'}"])
     results = [read_results(p.parent) for p in (tmp_path / "eval").glob("*/results.json")]
     assert sorted(r["dataset"] for r in results) == sorted(datasets)
     for r in results:
@@ -163,7 +163,7 @@ def test_eval_and_train_on_every_dataset_end_to_end(data, tmp_path):
     assert imagenet_result["ood"] == ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
     assert imagenet_result["metrics"]["imagenet_a"]["n"] == 6
     run_script("train.py", ["dataset=eurosat", "protocol=base2new", "eval_datasets=[dtd]", f"data_dir={data}",
-                            "shots=2", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+                            "shots=2", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "num_workers=2",
                             f"hydra.run.dir={tmp_path / 'train'}"])
     trained = read_results(tmp_path / "train")
     assert trained["id"] == "base" and trained["ood"] == ["new", "dtd"]
