@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from saft.errors import ConfigError
 from saft.delta import state_checksum
@@ -53,9 +54,8 @@ class SparseMaskCallback(pl.Callback):
 
     # --- mask selection ----------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainable = {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
-        eligible = {n: p for n, p in self._trainable.items()
-                    if is_eligible(n, self.include, self.exclude)}
+        trainable = {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
+        eligible = {n: p for n, p in trainable.items() if is_eligible(n, self.include, self.exclude)}
         if not eligible:
             raise ConfigError("no parameter is eligible for the mask: check method.towers and "
                               "method.mask.include / exclude")
@@ -74,8 +74,24 @@ class SparseMaskCallback(pl.Callback):
                 raise ConfigError(f"a masked method needs saft.optim.MaskedAdamW, which never writes an "
                                   f"unselected entry; got {type(optimizer).__name__}")
             optimizer.set_masks({eligible[n]: idx for n, idx in self.masks.items()})
+        self._masked = [(trainable[n], idx.to(pl_module.device)) for n, idx in self.masks.items()]
+        self._freeze_unselected(trainer, pl_module, trainable)
         if trainer.logger is not None:
             trainer.logger.log_metrics({k_: float(v) for k_, v in self.stats.items()}, step=0)
+
+    def _freeze_unselected(self, trainer, pl_module, trainable) -> None:
+        """Tensors without a selected entry stop requiring gradients, so autograd computes no weight
+        gradient for them (and none of the text tower's when it has no selected entry). DDP fixed its set
+        of parameters when it wrapped the model, so the model is wrapped again."""
+        for name, p in trainable.items():
+            if name not in self.masks:
+                p.requires_grad_(False)
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = strategy._setup_model(pl_module)
+            strategy._register_ddp_hooks()
+        elif trainer.world_size > 1:
+            raise ConfigError(f"masked methods support the ddp strategies; got {type(strategy).__name__}")
 
     def _select(self, trainer, pl_module, eligible, k) -> Mask:
         sizes = {n: p.numel() for n, p in eligible.items()}
@@ -96,12 +112,19 @@ class SparseMaskCallback(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         pl_module.zero_grad(set_to_none=True)
-        scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in eligible.items()}
+        # For abs_sum, autograd's own accumulation into .grad is the running sum: no second buffer.
+        scores = {} if self.score == "abs_sum" else {n: torch.zeros_like(p, dtype=torch.float32)
+                                                      for n, p in eligible.items()}
         for batch in loader:
-            batch = to_device(batch)
-            pl_module.loss(batch, reduction="sum").backward()
-            accumulate_scores(scores, {n: p.grad for n, p in eligible.items() if p.grad is not None}, self.score)
-            pl_module.zero_grad(set_to_none=True)
+            pl_module.loss(to_device(batch), reduction="sum").backward()
+            if self.score != "abs_sum":
+                accumulate_scores(scores, {n: p.grad for n, p in eligible.items() if p.grad is not None},
+                                  self.score)
+                pl_module.zero_grad(set_to_none=True)
+        if self.score == "abs_sum":
+            scores = {n: p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+                      for n, p in eligible.items()}
+        pl_module.zero_grad(set_to_none=True)
         pl_module.train(was_training)
         if _distributed():
             for s in scores.values():
@@ -111,19 +134,12 @@ class SparseMaskCallback(pl.Callback):
     # --- training ----------------------------------------------------------------------------------
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Linear, so also right for unscaled fp16 grads and for unreduced micro-batch grads.
-        for name, p in self._trainable.items():
-            if p.grad is None:
-                continue
-            idx = self.masks.get(name)
-            if idx is None:
-                p.grad = None
-                continue
-            flat = p.grad.view(-1)
-            if idx.device != flat.device:
-                idx = self.masks[name] = idx.to(flat.device)
-            kept = flat[idx]
-            flat.zero_()
-            flat[idx] = kept
+        for p, idx in self._masked:
+            if p.grad is not None:
+                flat = p.grad.view(-1)
+                kept = flat[idx]
+                flat.zero_()
+                flat[idx] = kept
 
     # --- checkpoint state --------------------------------------------------------------------------
     def state_dict(self):

@@ -5,7 +5,7 @@ parameter, holding only parameters with at least one selected entry.
 """
 import re
 from collections import Counter
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -59,8 +59,8 @@ def accumulate_scores(scores: Scores, grads: Mapping[str, torch.Tensor], score: 
 
 
 def finalize_scores(scores: Scores, score: str) -> Scores:
-    """|sum g| for ``abs_sum``; the accumulated values unchanged for the other scores."""
-    return {n: s.abs() if score == "abs_sum" else s for n, s in scores.items()}
+    """|sum g| for ``abs_sum`` (in place); the accumulated values unchanged for the other scores."""
+    return {n: s.abs_() if score == "abs_sum" else s for n, s in scores.items()}
 
 
 def num_selected(sparsity: float, n_eligible: int) -> int:
@@ -70,20 +70,30 @@ def num_selected(sparsity: float, n_eligible: int) -> int:
     return int(round(sparsity * n_eligible))
 
 
-def _topk_flat(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values, ties broken towards the lower index; sorted ascending.
+def _take_topk(tensors: Sequence[torch.Tensor], k: int) -> List[torch.Tensor]:
+    """Flat indices of the k largest values across ``tensors`` (one index tensor per input, sorted).
 
-    ``torch.topk`` does not promise which of equal values it returns, so it only finds the threshold;
-    everything above it is taken, then the lowest-index entries equal to it.
+    Ties at the threshold go to the earlier tensor, then the lower index. ``torch.topk`` does not say
+    which of equal values it returns, so it only finds the threshold, from each tensor's own top-k
+    candidates (the global top-k lies among them), without concatenating every score into one copy.
     """
+    flats = [t.reshape(-1) for t in tensors]
+    empty = torch.empty(0, dtype=torch.long, device=flats[0].device if flats else "cpu")
     if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=values.device)
-    if k >= values.numel():
-        return torch.arange(values.numel(), device=values.device)
-    threshold = torch.topk(values, k, sorted=False).values.min()
-    above = torch.nonzero(values > threshold).flatten()
-    ties = torch.nonzero(values == threshold).flatten()[: k - above.numel()]
-    return torch.sort(torch.cat([above, ties])).values
+        return [empty for _ in flats]
+    if k >= sum(f.numel() for f in flats):
+        return [torch.arange(f.numel(), device=f.device) for f in flats]
+    candidates = torch.cat([torch.topk(f, min(k, f.numel()), sorted=False).values for f in flats])
+    threshold = torch.topk(candidates, k, sorted=False).values.min()
+    chosen = [torch.nonzero(f > threshold).flatten() for f in flats]
+    room = k - sum(c.numel() for c in chosen)
+    for i, f in enumerate(flats):
+        if room <= 0:
+            break
+        ties = torch.nonzero(f == threshold).flatten()[:room]
+        chosen[i] = torch.sort(torch.cat([chosen[i], ties])).values
+        room -= ties.numel()
+    return chosen
 
 
 def _split_k(sizes: Mapping[str, int], k: int) -> Dict[str, int]:
@@ -105,17 +115,10 @@ def select_topk(scores: Scores, k: int, scope: str = "global") -> Mask:
     names = list(scores)
     if scope == "per_tensor":
         ks = _split_k({n: scores[n].numel() for n in names}, k)
-        mask = {n: _topk_flat(scores[n].flatten(), ks[n]) for n in names}
+        chosen = [_take_topk([scores[n]], ks[n])[0] for n in names]
     else:
-        flat = torch.cat([scores[n].flatten() for n in names])
-        chosen = _topk_flat(flat, k)
-        mask, offset = {}, 0
-        for n in names:
-            size = scores[n].numel()
-            lo, hi = torch.searchsorted(chosen, torch.tensor([offset, offset + size], device=chosen.device))
-            mask[n] = chosen[lo:hi] - offset
-            offset += size
-    return {n: idx for n, idx in mask.items() if idx.numel() > 0}
+        chosen = _take_topk([scores[n] for n in names], k)
+    return {n: idx for n, idx in zip(names, chosen) if idx.numel() > 0}
 
 
 def random_scores(shapes: Mapping[str, torch.Size], seed: int) -> Scores:

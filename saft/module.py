@@ -34,7 +34,6 @@ class CLIPClassifier(pl.LightningModule):
         # Decided here, before any DDP wrap: DDP fixes the set of parameters that need gradients.
         for name, p in self.model.named_parameters():
             p.requires_grad_(optimizer is not None and tower_of(name) in towers)
-        self.text_trains = any(p.requires_grad for n, p in model.named_parameters() if tower_of(n) == "text")
         self.results: Dict[str, Dict[str, float]] = {}
         self._heads: Dict[str, torch.Tensor] = {}
         self._frozen_train_head: Optional[torch.Tensor] = None
@@ -52,6 +51,11 @@ class CLIPClassifier(pl.LightningModule):
                                        for s in self.eval_sets})
         self.test_n = nn.ModuleDict({s.name: SumMetric() for s in self.eval_sets})
         self.val_acc = MulticlassAccuracy(len(self.classnames), average="micro")
+
+    @property
+    def text_trains(self) -> bool:
+        # Asked each step: a SAFT mask without text entries freezes the whole text tower at fit start.
+        return any(p.requires_grad for n, p in self.model.named_parameters() if tower_of(n) == "text")
 
     def train_head(self) -> torch.Tensor:
         if self.text_trains:

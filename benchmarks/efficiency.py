@@ -1,0 +1,167 @@
+"""SAFT vs full fine-tuning: step time, peak memory, mask cost, artifact size, evaluation throughput.
+
+    python benchmarks/efficiency.py --model tiny
+    python benchmarks/efficiency.py --model vit_b16 --batch 8 --steps 4     # ViT-B/16-sized, random init
+
+Each method trains in its own subprocess (peak memory = that process's max RSS, model included), on the
+same synthetic few-shot set, batch size and machine, and the script prints the ratios side by side.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def child(args) -> dict:
+    """Train one method for a few steps; report timings, memory and sizes as JSON."""
+    import pytorch_lightning as pl
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from saft import run
+    from saft.callback import SparseMaskCallback
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    overrides = [f"model={args.model}", "model.pretrained=null", f"method={args.method}", "dataset=synthetic",
+                 f"shots={args.shots}", f"batch_size={args.batch}", f"eval_batch_size={args.batch}",
+                 "dataset.datamodule.test_per_class=8", "trainer=cpu", f"trainer.max_steps={args.steps}",
+                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                 "trainer.check_val_every_n_epoch=1000", "trainer.gradient_clip_val=1.0",
+                 "checkpoint.every_n_train_steps=100000", "logger=csv", f"hydra.run.dir={out}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig.instance().set_config(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+
+    timings = {"step": [], "mask": 0.0}
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, *a):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, *a):
+            timings["step"].append(time.perf_counter() - self.t)
+
+    select = SparseMaskCallback._select
+
+    def timed_select(self, *a, **k):
+        t = time.perf_counter()
+        result = select(self, *a, **k)
+        timings["mask"] = time.perf_counter() - t
+        return result
+    SparseMaskCallback._select = timed_select
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    pl.seed_everything(1)
+    datamodule, module = run.build(cfg)
+    mask_cb = hydra_instantiate(cfg.method.mask) if cfg.method.get("mask") else None
+    trainer = run.make_trainer(cfg, [c for c in (mask_cb, Clock()) if c is not None])
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    trainer.fit(module, datamodule=datamodule)
+    rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    # Evaluation: the whole test loop vs the model alone on the same images already in memory.
+    n_images = sum(len(s.items) for s in datamodule.eval_sets())
+    t = time.perf_counter()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    loop_ips = n_images / (time.perf_counter() - t)
+    batches = [(torch.stack([datamodule.eval_transform(s.load(k)) for k, _ in s.items[i:i + args.batch]]), j)
+               for j, s in enumerate(datamodule.eval_sets()) for i in range(0, len(s.items), args.batch)]
+    module.eval()
+    with torch.no_grad():
+        heads = [module.eval_head(j) for j in range(len(datamodule.eval_sets()))]
+        t = time.perf_counter()
+        for images, j in batches:
+            module(images, heads[j]).argmax(-1)
+        alone_ips = n_images / (time.perf_counter() - t)
+
+    result = {"method": args.method, "steps": timings["step"], "mask_s": timings["mask"],
+              "steps_per_epoch": len(datamodule.train_dataloader()),
+              "rss_start_mb": rss_before, "rss_model_mb": rss_model, "rss_peak_train_mb": rss_train,
+              "eval_loop_ips": loop_ips, "eval_alone_ips": alone_ips,
+              "state_dict_bytes": sum(p.numel() * p.element_size() for p in module.model.parameters())}
+    if mask_cb is not None:
+        run.write_artifacts(cfg, module, datamodule, mask_cb)
+        result["delta_bytes"] = (out / run.DELTA).stat().st_size
+        result["k"] = mask_cb.stats["mask/k"]
+        result["frozen_tensors"] = sum(1 for p in module.model.parameters() if not p.requires_grad)
+        result["tensors"] = sum(1 for _ in module.model.parameters())
+    return result
+
+
+def hydra_instantiate(node):
+    import hydra
+    return hydra.utils.instantiate(node)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=["tiny", "vit_b16"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--child", choices=["saft", "full_ft"])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.child:
+        args.method = args.child
+        print("RESULT " + json.dumps(child(args)))
+        return
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("full_ft", "saft"):
+            cmd = [sys.executable, __file__, "--child", method, "--out", f"{tmp}/{method}", "--model", args.model,
+                   "--batch", str(args.batch), "--shots", str(args.shots), "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
+            results[method] = json.loads(line[len("RESULT "):])
+    report(args, results)
+
+
+def report(args, r):
+    ft, saft = r["full_ft"], r["saft"]
+    warm = 2 if args.steps > 4 else 1  # the first steps pay for allocation and lazy init
+
+    def step(x):
+        return statistics.median(x["steps"][warm:])
+    epoch_s = step(saft) * saft["steps_per_epoch"]
+    rows = [
+        ("train step time (s, median)", step(ft), step(saft), step(saft) / step(ft), "<= 0.95"),
+        ("peak memory (MB, process max RSS)", ft["rss_peak_train_mb"], saft["rss_peak_train_mb"],
+         saft["rss_peak_train_mb"] / ft["rss_peak_train_mb"], "<= 0.75"),
+        ("mask computation (s) vs one SAFT epoch (s)", epoch_s, saft["mask_s"], saft["mask_s"] / epoch_s, "<= 1.5"),
+        ("delta file vs fp32 state dict (bytes)", saft["state_dict_bytes"], saft["delta_bytes"],
+         saft["delta_bytes"] / saft["state_dict_bytes"], "<= 0.005"),
+        ("eval images/s: model alone vs whole loop", saft["eval_alone_ips"], saft["eval_loop_ips"],
+         saft["eval_loop_ips"] / saft["eval_alone_ips"], ">= 0.9"),
+    ]
+    print(f"\nmodel={args.model} batch={args.batch} shots={args.shots} (6 classes) steps={args.steps} "
+          f"threads={args.threads}; SAFT k={saft['k']}, tensors frozen by the mask: "
+          f"{saft['frozen_tensors']}/{saft['tensors']}")
+    print(f"| measure | full FT (or reference) | SAFT | ratio | target |\n|---|---|---|---|---|")
+    for name, a, b, ratio, target in rows:
+        print(f"| {name} | {a:.4g} | {b:.4g} | {ratio:.3f} | {target} |")
+    print(f"(model loaded, before training: full FT {ft['rss_model_mb']:.0f} MB, SAFT {saft['rss_model_mb']:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
