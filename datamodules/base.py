@@ -7,6 +7,7 @@ draw, the base-to-new split, extra evaluation sets, saves the drawn file list, a
 import json
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,11 +49,12 @@ def base_new_split(eval_set: EvalSet) -> List[EvalSet]:
 
 class EpochSeededSampler(Sampler):
     """Yields ``(index, augmentation seed)`` pairs: a permutation per epoch and a seed per sample, both
-    drawn from (seed, epoch) alone. A run resumed from a checkpoint therefore sees the same images with
-    the same random crops as an uninterrupted one (Lightning calls ``set_epoch``)."""
+    drawn from (seed, epoch) alone, so a resumed run sees the same images with the same random crops as
+    an uninterrupted one (Lightning calls ``set_epoch``). ``resume_at=(epoch, n)`` skips the first n
+    samples of that epoch, the ones trained before the checkpoint."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, resume_at: Tuple[int, int] = (-1, 0)):
+        self.n, self.seed, self.epoch, self.resume_at = n, seed, 0, resume_at
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -62,9 +64,11 @@ class EpochSeededSampler(Sampler):
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=gen).tolist()
-        seeds = torch.randint(0, 2**62, (self.n,), generator=gen).tolist()
-        return iter(zip(order, seeds))
+        pairs = list(zip(torch.randperm(self.n, generator=gen).tolist(),
+                         torch.randint(0, 2**62, (self.n,), generator=gen).tolist()))
+        if self.epoch == self.resume_at[0]:
+            pairs, self.resume_at = pairs[self.resume_at[1]:], (-1, 0)
+        return iter(pairs)
 
 
 class ImageItems(Dataset):
@@ -142,6 +146,7 @@ class FewShotDataModule(pl.LightningDataModule):
         self._split: Optional[Dict[str, List[Item]]] = None
         self._eval_sets: Optional[List[EvalSet]] = None
         self._extra_sets: List[EvalSet] = []
+        self._trained = self._resume_at = (-1, 0)  # (epoch, batches of it trained)
 
     # --- dataset -----------------------------------------------------------------------------------
     def check(self) -> None:
@@ -210,8 +215,7 @@ class FewShotDataModule(pl.LightningDataModule):
         """The few-shot train and val items: drawn with the seed, or read from ``split_file``."""
         if self._split is None:
             if self.split_file:
-                saved = json.loads(Path(self.split_file).read_text())
-                self._split = {k: [(key, int(label)) for key, label in v] for k, v in saved.items()}
+                self._split = self._read_split_file()
             else:
                 pools = self.pools()
                 if self.protocol == "base2new":
@@ -225,6 +229,20 @@ class FewShotDataModule(pl.LightningDataModule):
                     val_pool = [i for i in pools["train"] if i[0] not in chosen]
                 self._split = {"train": train, "val": few_shot(val_pool, min(self.shots, 4), self.seed)}
         return self._split
+
+    def _read_split_file(self) -> Dict[str, List[Item]]:
+        path = Path(self.split_file)
+        try:
+            saved = json.loads(path.read_text())
+            split = {k: [(key, int(label)) for key, label in saved[k]] for k in ("train", "val")}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"split_file={path} is not a split.json written by a run ({e}); "
+                              f"use <run dir>/split.json") from None
+        per_class = max(Counter(label for _, label in split["train"]).values(), default=0)
+        if per_class != self.shots:
+            raise ConfigError(f"split_file={path} holds {per_class} training examples per class but "
+                              f"shots={self.shots}; set shots={per_class}")
+        return split
 
     def save_split(self, path) -> None:
         """Write the drawn items so the run can be repeated exactly (``split_file=<path>``)."""
@@ -242,14 +260,32 @@ class FewShotDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):
-        return self._loader(self.split["train"], self.train_transform, self.batch_size, shuffle=True)
+        loader = self._loader(self.split["train"], self.train_transform, self.batch_size, shuffle=True)
+        epoch, batches = self._resume_at
+        if isinstance(loader.sampler, EpochSeededSampler) and batches:
+            loader.sampler.resume_at = (epoch, batches * self.batch_size)
+        return loader
+
+    # Mid-epoch resume: the checkpoint records how many batches of the current epoch reached
+    # training_step (Lightning prefetches, so the loader itself has always read one more).
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            epoch = self.trainer.current_epoch
+            self._trained = (epoch, self._trained[1] + 1 if self._trained[0] == epoch else 1)
+        return batch
+
+    def state_dict(self):
+        return {"epoch": self._trained[0], "batches": self._trained[1]}
+
+    def load_state_dict(self, state) -> None:
+        self._trained = self._resume_at = (state["epoch"], state["batches"])
 
     def mask_dataloader(self, rank: int = 0, world_size: int = 1):
         """The whole training set with evaluation transforms, in a fixed order, this rank's share."""
         return self._loader(self.split["train"][rank::world_size], self.eval_transform, self.eval_batch_size)
 
     def val_dataloader(self):
-        return self._loader(self.split["val"], self.eval_transform, self.eval_batch_size)
+        return self._loader(self.split["val"], self.eval_transform, self.eval_batch_size, shard=True)
 
     def test_dataloader(self):
         """One loader per eval set; under DDP each rank takes a disjoint share (no padded repeats, so

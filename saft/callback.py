@@ -61,6 +61,9 @@ class SparseMaskCallback(pl.Callback):
                               "method.mask.include / exclude")
         sizes = {n: p.numel() for n, p in eligible.items()}
         k = num_selected(self.sparsity, sum(sizes.values()))
+        if k < 1:
+            raise ConfigError(f"sparsity={self.sparsity} selects round({self.sparsity} x {sum(sizes.values())}) = 0 "
+                              f"entries; use sparsity >= {0.5 / sum(sizes.values()):.2g}")
         if self.masks is None:
             self.masks = self._select(trainer, pl_module, eligible, k)
         elif set(self.masks) - set(eligible) or sum(i.numel() for i in self.masks.values()) != k:

@@ -11,6 +11,7 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from saft.clip import text_head, tokenize_prompts
+from saft.errors import ConfigError
 from saft.mask import tower_of
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -113,6 +114,21 @@ class CLIPClassifier(pl.LightningModule):
             self.test_acc[s.name].reset()
             self.test_n[s.name].reset()
         self.log_dict({f"test/{n}/top1": r["top1"] for n, r in self.results.items()}, sync_dist=True)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _schedule_settings(self):
+        t = self.trainer
+        return {"max_steps": t.max_steps, "max_epochs": t.max_epochs, "accumulate": t.accumulate_grad_batches}
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["saft_schedule"] = self._schedule_settings()
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        # The LR schedule was built for the run's length; another length cannot continue it.
+        saved = checkpoint.get("saft_schedule")
+        if saved is not None and saved != self._schedule_settings():
+            raise ConfigError(f"the checkpoint was trained with {saved}, this run asks for "
+                              f"{self._schedule_settings()}; resume with the run's own trainer settings")
 
     # --- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):

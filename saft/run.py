@@ -6,13 +6,16 @@ few-shot files drawn), Lightning checkpoints and logs, and Hydra's ``.hydra/`` w
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import hydra
 import pytorch_lightning as pl
-import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saft.clip import load_clip
@@ -46,9 +49,23 @@ def validate(cfg: DictConfig) -> None:
     if isinstance(cfg.sparsity, bool) or not isinstance(cfg.sparsity, (int, float)) or not 0 < cfg.sparsity <= 1:
         raise ConfigError(f"sparsity={cfg.sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
     out = output_dir()
-    if (out / RESULTS).exists() and not cfg.get("ckpt_path"):
+    if (out / RESULTS).exists():
         raise ConfigError(f"{out} already holds finished results ({RESULTS}); choose another hydra.run.dir "
                           f"so they are not overwritten")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and ckpt != "last" and not Path(ckpt).is_file():
+        raise ConfigError(f"ckpt_path={ckpt} is not a file; give a checkpoint of this run "
+                          f"(<run>/checkpoints/last.ckpt) or ckpt_path=last to resume in the same hydra.run.dir")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if cfg.method.get("mask") and precision.endswith("-true") and precision != "32-true":
+        raise ConfigError(f"trainer.precision={precision} stores the weights in low precision, which changes "
+                          f"every entry; masked methods need fp32 weights: use bf16-mixed or 16-mixed")
+    strategy = str(cfg.trainer.get("strategy", ""))
+    if (HydraConfig.get().mode == RunMode.MULTIRUN and strategy.startswith("ddp") and "spawn" not in strategy
+            and "SLURM_NTASKS" not in os.environ and "LOCAL_RANK" not in os.environ):
+        raise ConfigError("-m (multirun) with trainer.strategy=ddp is broken upstream: Lightning re-launches "
+                          "the script and each rank runs its own copy of the sweep. Use "
+                          "trainer.strategy=ddp_spawn locally, or a SLURM launcher (one job per sweep point)")
 
 
 def output_dir() -> Path:
@@ -156,35 +173,39 @@ def _results(cfg, module, datamodule, num_trainable, changed, extra=None) -> dic
                          id_name=datamodule.id_name, ood=datamodule.ood_names, extra=extra)
 
 
-def compose_for_run(run_dir: Path, overrides) -> DictConfig:
-    """The eval config with the training run's group choices and overrides, then this call's overrides
-    (a later value for the same key wins). The model must stay the run's: the delta belongs to it."""
+def compose_for_run(run_dir: Path, overrides: Sequence[str], composed: DictConfig) -> DictConfig:
+    """The training run's own saved config with this call's overrides on top: a group choice
+    (``dataset=dtd``) takes the group as ``composed`` has it, a key takes its value. The model and the
+    method stay the run's: the delta belongs to them."""
     hydra_dir = run_dir / ".hydra"
     if not (run_dir / RESULTS).is_file() or not (run_dir / DELTA).is_file() or not hydra_dir.is_dir():
         raise ConfigError(f"run_dir={run_dir} is not a finished training run (it needs {RESULTS}, {DELTA} "
                           f"and .hydra/); point run_dir at the output dir of a completed train.py run")
-    saved_hydra = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]
-    choices = [f"{g}={c}" for g, c in saved_hydra["runtime"]["choices"].items()
-               if not g.startswith("hydra") and c is not None]
-    merged = {}
-    for o in choices + list(saved_hydra["overrides"]["task"]) + list(overrides):
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key != "run_dir" and not key.startswith("hydra"):
-            merged[key] = o
-    if any(k == "model" or k.startswith("model.") for k in map(lambda o: o.split("=", 1)[0], overrides)):
-        raise ConfigError("model.* cannot be overridden together with run_dir: the delta belongs to the "
-                          "run's base model")
-    cfg = hydra.compose(config_name="eval", overrides=list(merged.values()))
-    OmegaConf.set_struct(cfg, False)
-    cfg.run_dir = str(run_dir)
+    cfg = OmegaConf.load(hydra_dir / "config.yaml")
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key == "run_dir" or key.startswith("hydra"):
+            continue
+        if key.split(".")[0] in ("model", "method"):
+            raise ConfigError(f"{key} cannot be overridden together with run_dir: the delta belongs to the "
+                              f"run's base model and method")
+        with open_dict(cfg):
+            if override.is_delete():
+                parent, _, leaf = key.rpartition(".")
+                (OmegaConf.select(cfg, parent) if parent else cfg).pop(leaf, None)
+            else:
+                OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
+    with open_dict(cfg):
+        cfg.run_dir, cfg.ckpt_path = str(run_dir), None
     return cfg
 
 
 def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else None
     if run_dir is not None:
-        cfg = compose_for_run(run_dir, HydraConfig.get().overrides.task)
+        cfg = compose_for_run(run_dir, HydraConfig.get().overrides.task, cfg)
     validate(cfg)
+    OmegaConf.save(cfg, output_dir() / ".hydra" / "config.yaml")  # the config this evaluation really used
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     num_trainable = changed = 0

@@ -1,12 +1,17 @@
 """train.py and eval.py as a user runs them: subprocesses, real configs, files on disk."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import changed_entries, checkpoint, ckpt_masks, ckpt_params, read_results, run_script
+from conftest import changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg, read_results, run_script
+from saft import run
+from saft.callback import SparseMaskCallback
+from saft.mask import select_topk
 
 QUICK = ["trainer.enable_progress_bar=false", "dataset.datamodule.test_per_class=5",
          "dataset.datamodule.train_per_class=8"]
@@ -98,6 +103,16 @@ def test_ddp_on_two_cpu_processes_keeps_masks_identical_and_frozen(tmp_path):
     results = read_results(out)
     assert all(m["n"] == 30 for m in results["metrics"].values())  # each test image counted once
     ckpt = checkpoint(out)
+    # The scores summed over both ranks' shards select what one process selects from all the data.
+    cfg = compose_cfg(tmp_path / "one", ["shots=4", "sparsity=0.01", *QUICK])
+    datamodule, module = run.build(cfg)
+    module.use_datamodule(datamodule)
+    eligible = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    scores = SparseMaskCallback().gradient_scores(datamodule.mask_dataloader(), module, eligible)
+    single = select_topk(scores, results["num_trainable"])
+    ddp_masks = ckpt_masks(ckpt)
+    same = sum(torch.isin(ddp_masks[n], single[n]).sum().item() for n in ddp_masks if n in single)
+    assert same >= 0.99 * results["num_trainable"]
     from saft.clip import load_clip
     base = {n: p.detach() for n, p in load_clip("saft-tiny", None, 0)[0].named_parameters()}
     changed, masks = changed_entries(base, ckpt_params(ckpt)), ckpt_masks(ckpt)
@@ -121,14 +136,40 @@ def test_bad_input_gets_one_clear_message(tmp_path, args, message):
 
 def test_a_finished_run_is_never_overwritten(trained, tmp_path):
     before = (trained / "results.json").read_bytes()
-    proc = run_script("train.py", [f"hydra.run.dir={trained}"], check=False)
-    assert proc.returncode == 2 and "already holds finished results" in proc.stderr
+    for extra in ([], [f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"]):
+        proc = run_script("train.py", [f"hydra.run.dir={trained}", *extra], check=False)
+        assert proc.returncode == 2 and "already holds finished results" in proc.stderr
     assert (trained / "results.json").read_bytes() == before
 
 
-def test_eval_refuses_what_is_not_a_run_and_a_model_override(trained, tmp_path):
+def test_eval_uses_the_runs_saved_config_and_records_what_it_used(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    saved = OmegaConf.load(copy / ".hydra" / "config.yaml")
+    saved.dataset.datamodule.test_per_class = 3  # as if conf/ had changed since the run
+    OmegaConf.save(saved, copy / ".hydra" / "config.yaml")
+    run_script("eval.py", [f"run_dir={copy}", "eval_batch_size=7", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert all(m["n"] == 18 for m in read_results(tmp_path / "e")["metrics"].values())
+    used = OmegaConf.load(tmp_path / "e" / ".hydra" / "config.yaml")
+    assert used.method.name == "saft" and used.shots == 4 and used.eval_batch_size == 7
+
+
+def test_eval_refuses_what_is_not_a_run_and_model_or_method_overrides(trained, tmp_path):
     proc = run_script("eval.py", [f"run_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'e'}"], check=False)
     assert proc.returncode == 2 and "is not a finished training run" in proc.stderr
-    proc = run_script("eval.py", [f"run_dir={trained}", "model=vit_b16", f"hydra.run.dir={tmp_path / 'f'}"],
+    for bad in ("model=vit_b16", "++model.force_quick_gelu=true", "method=full_ft"):
+        proc = run_script("eval.py", [f"run_dir={trained}", bad, f"hydra.run.dir={tmp_path / 'f'}"], check=False)
+        assert proc.returncode == 2 and "the delta belongs to the run's base model and method" in proc.stderr, bad
+
+
+def test_multirun_with_relaunched_ddp_is_refused(tmp_path):
+    proc = run_script("train.py", ["-m", "seed=1,2", "trainer=ddp", "trainer.accelerator=cpu",
+                                   f"hydra.sweep.dir={tmp_path}"], check=False)
+    assert proc.returncode == 2 and "ddp_spawn" in proc.stderr
+    assert not list(tmp_path.glob("**/results.json"))
+
+
+def test_missing_checkpoint_to_resume_from_is_named(tmp_path):
+    proc = run_script("train.py", [f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'r'}"],
                       check=False)
-    assert proc.returncode == 2 and "delta belongs to the run's base model" in proc.stderr
+    assert proc.returncode == 2 and "nope.ckpt is not a file" in proc.stderr

@@ -4,13 +4,20 @@ import csv
 import pytest
 import torch
 
-from conftest import FAST, changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg
+from conftest import FAST, changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg, read_results
 from saft import run
 from saft.callback import SparseMaskCallback
 from saft.errors import ConfigError
 from saft.mask import select_topk
 
 EVERY_STEP = ["checkpoint.every_n_train_steps=1"]
+
+
+def test_impossible_sparsity_and_low_precision_weights_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="selects round"):
+        _train(tmp_path, "tiny_k", ["sparsity=1e-9"])
+    with pytest.raises(ConfigError, match="masked methods need fp32 weights"):
+        _train(tmp_path, "bf16", ["trainer.precision=bf16-true"])
 
 
 def _train(tmp_path, name, overrides):
@@ -44,10 +51,14 @@ def test_entries_outside_the_mask_stay_bit_exact(tmp_path, method):
 
 
 @pytest.mark.parametrize("score, scope", [("sum_abs", "global"), ("fisher", "per_tensor"), ("abs_sum", "per_tensor")])
-def test_every_score_and_scope_trains_exactly_k_entries(tmp_path, score, scope):
-    cfg, results = _train(tmp_path, "r", [f"method.mask.score={score}", f"method.mask.scope={scope}",
-                                          "sparsity=0.005", "method.optimizer.lr=0.01"])
+def test_every_score_and_scope_trains_exactly_k_entries_of_its_own_mask(tmp_path, score, scope):
+    # Several scoring batches: with one batch, sum |g|, sum g^2 and |sum g| rank entries alike.
+    common = ["sparsity=0.005", "method.optimizer.lr=0.01", "eval_batch_size=5"]
+    cfg, results = _train(tmp_path, "r", common + [f"method.mask.score={score}", f"method.mask.scope={scope}"])
     masks = _assert_frozen_outside_mask(cfg, tmp_path / "r", results)
+    _train(tmp_path, "default", common)
+    default = ckpt_masks(checkpoint(tmp_path / "default"))
+    assert masks.keys() != default.keys() or any(not torch.equal(masks[n], default[n]) for n in masks)
     if scope == "per_tensor":  # every tensor of the towers gets its share of k
         assert len(masks) >= 0.9 * sum(1 for v in run.base_parameters(cfg).values() if 0.005 * v.numel() >= 1)
 
@@ -119,25 +130,64 @@ def test_mask_statistics_are_logged(tmp_path):
     assert any(key.startswith("mask/block/visual.transformer.resblocks.") for key in logged)
 
 
-def test_resume_restores_the_mask_without_recomputing_it(tmp_path, monkeypatch):
-    """Checkpoints every 3 steps (an epoch: 24 images, batch 8); resume from step 3, finish at step 9."""
-    common = ["trainer.max_steps=9", "checkpoint.every_n_train_steps=3", "checkpoint.save_top_k=-1"]
+@pytest.mark.parametrize("resume_step", [3, 4, 8])
+def test_resume_restores_the_mask_and_finishes_identically(tmp_path, monkeypatch, resume_step):
+    """24 images, batch 8: 3 steps per epoch. Step 3 ends an epoch; 4 and 8 are mid-epoch."""
+    common = ["trainer.max_steps=9", "checkpoint.save_top_k=-1"]
     _train(tmp_path, "full", common)
-    mid = next((tmp_path / "full" / "checkpoints").glob("step_000003.ckpt"))
+    mid = tmp_path / "full" / "checkpoints" / f"step_{resume_step:06d}.ckpt"
 
     def no_recompute(*args, **kwargs):
         raise AssertionError("the mask was recomputed on resume")
     monkeypatch.setattr(SparseMaskCallback, "_select", no_recompute)
-    _train(tmp_path, "resumed", common + [f"ckpt_path={mid}"])
+    _, resumed_results = _train(tmp_path, "resumed", common + [f"ckpt_path={mid}"])
     full, resumed = checkpoint(tmp_path / "full", "last.ckpt"), checkpoint(tmp_path / "resumed", "last.ckpt")
     assert resumed["global_step"] == full["global_step"] == 9
     assert all(torch.equal(ckpt_masks(full)[n], ckpt_masks(resumed)[n]) for n in ckpt_masks(full))
     final_full, final_resumed = ckpt_params(full), ckpt_params(resumed)
     assert all(torch.equal(final_full[n], final_resumed[n]) for n in final_full)
+    assert resumed_results["metrics"] == read_results(tmp_path / "full")["metrics"]
+
+
+def test_resume_with_another_length_is_refused(tmp_path):
+    _train(tmp_path, "a", ["trainer.max_steps=3"])
+    with pytest.raises(ConfigError, match="resume with the run's own trainer settings"):
+        _train(tmp_path, "b", ["trainer.max_steps=6", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"])
+
+
+def test_gradient_accumulation_keeps_entries_frozen(tmp_path):
+    cfg, results = _train(tmp_path, "acc", ["trainer.accumulate_grad_batches=2", "sparsity=0.01",
+                                            "method.optimizer.lr=0.01", "trainer.max_steps=3"])
+    _assert_frozen_outside_mask(cfg, tmp_path / "acc", results)
+
+
+def test_after_backward_keeps_only_selected_gradients_so_clipping_sees_only_them(tmp_path):
+    cfg = compose_cfg(tmp_path, FAST)
+    datamodule, module = run.build(cfg)
+    module.use_datamodule(datamodule)
+    batch = next(iter(datamodule.mask_dataloader()))
+    module.loss(batch).backward()
+    dense = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+    names = ["visual.conv1.weight", "transformer.resblocks.0.mlp.c_fc.weight"]
+    params = dict(module.model.named_parameters())
+    callback = SparseMaskCallback()
+    callback.masks = {n: torch.tensor([0, 5, 17]) for n in names}
+    callback._masked = [(params[n], callback.masks[n]) for n in names]
+    callback.on_after_backward(None, module)
+    for n in names:
+        kept = params[n].grad.view(-1)
+        assert torch.equal(kept[callback.masks[n]], dense[n].view(-1)[callback.masks[n]])
+        assert kept.count_nonzero() <= 3
+    expected = torch.cat([dense[n].view(-1)[callback.masks[n]] for n in names]).norm()
+    for n, p in params.items():  # what SAFT's freezing does to tensors without selected entries
+        if n not in names:
+            p.grad = None
+    norm = torch.nn.utils.clip_grad_norm_(module.model.parameters(), max_norm=1e-6)
+    torch.testing.assert_close(norm, expected)
 
 
 def test_resume_with_other_mask_settings_is_refused(tmp_path):
-    _train(tmp_path, "a", ["trainer.max_steps=3", "checkpoint.every_n_train_steps=3"])
+    _train(tmp_path, "a", ["trainer.max_steps=6", "checkpoint.save_top_k=-1"])
     with pytest.raises(ConfigError, match="resume with the run's own config"):
         _train(tmp_path, "b", ["trainer.max_steps=6", "sparsity=0.01",
-                               f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"])
+                               f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'step_000003.ckpt'}"])
