@@ -19,6 +19,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from saft.errors import ConfigError
+from saft.results import write_json
 
 Item = Tuple[Any, int]  # (a JSON-able key such as a relative path, label)
 
@@ -246,7 +247,7 @@ class FewShotDataModule(pl.LightningDataModule):
 
     def save_split(self, path) -> None:
         """Write the drawn items so the run can be repeated exactly (``split_file=<path>``)."""
-        Path(path).write_text(json.dumps({k: [list(i) for i in v] for k, v in self.split.items()}))
+        write_json(path, {k: [list(i) for i in v] for k, v in self.split.items()})
 
     def _loader(self, items, transform, batch_size, shuffle=False, shard=False, load=None):
         data = ImageItems(items, load or self.load_image, transform)

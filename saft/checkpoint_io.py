@@ -1,0 +1,25 @@
+"""Checkpoints written atomically and read without executing pickled code."""
+import os
+from pathlib import Path
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``<name>.tmp`` beside the target, syncs it, then renames it: a kill leaves either the old
+    file or the complete new one, never a truncated file under the real name. (Lightning's own save goes
+    through a temporary file in /tmp and a copy, which is not atomic across filesystems.)"""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=True):
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
