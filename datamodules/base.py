@@ -5,6 +5,7 @@ A dataset subclass says where its images are and what they are called (``check``
 draw, the base-to-new split, extra evaluation sets, saves the drawn file list, and builds every loader.
 """
 import json
+import logging
 import math
 import random
 from collections import Counter
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from saft.errors import ConfigError
 from saft.results import write_json
 
+log = logging.getLogger(__name__)
 Item = Tuple[Any, int]  # (a JSON-able key such as a relative path, label)
 
 
@@ -105,8 +107,13 @@ class ImageFolder:
         self.root = Path(root)
 
     def __call__(self, key: str) -> Image.Image:
-        with Image.open(self.root / key) as image:
-            return image.convert("RGB")
+        # One unreadable image stops the run (skipping would silently change the dataset).
+        try:
+            with Image.open(self.root / key) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read image {self.root / key}: {e}. Replace or remove the file "
+                              f"(and its line in the split file)") from None
 
 
 def list_images(folder: Path) -> List[str]:
@@ -122,6 +129,10 @@ def few_shot(items: Sequence[Item], shots: int, seed: int) -> List[Item]:
     for item in items:
         by_label.setdefault(int(item[1]), []).append(item)
     out: List[Item] = []
+    short = [label for label, pool in by_label.items() if len(pool) < shots]
+    if short:
+        log.warning("%d classes have fewer than %d examples (e.g. label %d); all of theirs are used",
+                    len(short), shots, short[0])
     for label in sorted(by_label):
         pool = by_label[label]
         out.extend(rng.sample(pool, shots) if len(pool) > shots else pool)

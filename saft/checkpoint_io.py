@@ -1,9 +1,12 @@
 """Checkpoints written atomically and read without executing pickled code."""
 import os
+import pickle
 from pathlib import Path
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from saft.errors import ConfigError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -22,4 +25,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=True):
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            raise ConfigError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}. It is truncated, "
+                              f"corrupt, or holds pickled objects that safe (weights-only) loading refuses; "
+                              f"use a checkpoint written by this project") from None

@@ -30,8 +30,15 @@ def load_clip(name: str, pretrained: Optional[str] = None, init_seed: int = 0,
                           f"path or an open_clip tag such as 'openai'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, force_quick_gelu=force_quick_gelu)
+        try:
+            model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, force_quick_gelu=force_quick_gelu)
+        except Exception as e:  # open_clip raises bare RuntimeErrors for unreadable or mismatched files
+            if not looks_like_path:
+                raise
+            raise ConfigError(f"cannot load model.pretrained={pretrained} into {name}: "
+                              f"{str(e).splitlines()[0][:300]}. The file is truncated, corrupt, not a CLIP "
+                              f"state dict, or made for another architecture") from None
     return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
 
 

@@ -88,6 +88,10 @@ class CLIPClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
+        if not torch.isfinite(loss):
+            # Raised before the optimizer step: the last checkpoint on disk is the last good state.
+            raise ConfigError(f"the training loss became {loss.item()} at step {self.global_step}; lower "
+                              f"method.optimizer.lr. Checkpoints written so far are intact")
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

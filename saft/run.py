@@ -27,16 +27,24 @@ from saft.results import RESULTS, build_results, write_json
 
 log = logging.getLogger(__name__)
 DELTA = "delta.safetensors"
+ERROR = "error.txt"   # written when a job fails
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def reports_user_errors(main):
-    """Turn a ``ConfigError`` into one line on stderr and exit status 2, without a traceback."""
+    """A ``ConfigError`` becomes one line on stderr and exit status 2, without a traceback. In a
+    multirun the job's failure is written to ``error.txt`` in its output dir and the other jobs go on
+    (Hydra reports the failed jobs when the sweep ends)."""
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
         try:
             return main(cfg)
-        except ConfigError as e:
+        except Exception as e:
+            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+            if multirun or not isinstance(e, ConfigError):
+                (output_dir() / ERROR).write_text(f"{type(e).__name__}: {e}\n")
+            if multirun or not isinstance(e, ConfigError):
+                raise
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return wrapper
@@ -135,7 +143,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.method.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
-        trainer.save_checkpoint(Path(cfg.checkpoint.dirpath) / "last.ckpt")
+        trainer.save_checkpoint(Path(cfg.checkpoint.dirpath) / "last.ckpt", weights_only=False)
         log.info("rank %d: trained weights sha256 %s", trainer.global_rank,
                  state_checksum(dict(module.model.named_parameters())))
     trainer.test(module, datamodule=datamodule, verbose=False)

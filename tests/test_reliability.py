@@ -1,13 +1,19 @@
 """Runs that survive kills, and files that are safe to load."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+from pathlib import Path
+
+import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ROOT, checkpoint, ckpt_params, read_results, run_script
+from layouts import make_coop
 from saft.checkpoint_io import AtomicCheckpointIO
 
 ARGS = ["shots=4", "batch_size=8", "dataset.datamodule.test_per_class=5", "trainer.max_steps=60", "trainer.enable_progress_bar=false",
@@ -49,3 +55,82 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     except KeyboardInterrupt:
         pass
     assert torch.equal(io.load_checkpoint(target)["w"], torch.ones(3))  # the old file is intact
+
+
+QUICK = ["shots=4", "dataset.datamodule.test_per_class=3", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+         "checkpoint.every_n_train_steps=1"]
+
+
+def _fails(script, args, message):
+    proc = run_script(script, args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_script("train.py", [*QUICK, f"hydra.run.dir={out}"])
+    return out
+
+
+def test_corrupt_or_unsafe_checkpoints_get_one_message(finished, tmp_path):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((finished / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    _fails("train.py", [*QUICK, f"ckpt_path={truncated}", f"hydra.run.dir={tmp_path / 'a'}"],
+           "cannot load checkpoint")
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "payload": Path(".")}, unsafe)  # an arbitrary pickled object
+    _fails("train.py", [*QUICK, f"ckpt_path={unsafe}", f"hydra.run.dir={tmp_path / 'b'}"], "refuses")
+    bad_weights = tmp_path / "weights.pt"
+    bad_weights.write_bytes(b"not a checkpoint")
+    _fails("train.py", [*QUICK, f"model.pretrained={bad_weights}", f"hydra.run.dir={tmp_path / 'c'}"],
+           "cannot load model.pretrained")
+
+
+def test_corrupt_delta_and_delta_for_another_base(finished, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(finished, broken)
+    data = (broken / "delta.safetensors").read_bytes()
+    (broken / "delta.safetensors").write_bytes(data[: len(data) // 2])
+    _fails("eval.py", [f"run_dir={broken}", f"hydra.run.dir={tmp_path / 'e1'}"], "cannot read delta file")
+    other = tmp_path / "other_base"
+    shutil.copytree(finished, other)
+    saved = OmegaConf.load(other / ".hydra" / "config.yaml")
+    saved.model.init_seed = 7  # the same architecture, other weights
+    OmegaConf.save(saved, other / ".hydra" / "config.yaml")
+    _fails("eval.py", [f"run_dir={other}", f"hydra.run.dir={tmp_path / 'e2'}"], "was made for another base model")
+
+
+def test_unreadable_image_stops_the_run_and_names_the_file(tmp_path):
+    make_coop(tmp_path, "dtd")
+    victim = tmp_path / "dtd" / "images" / "Forest" / "test_0.jpg"
+    victim.write_bytes(b"\xff\xd8 truncated jpeg")
+    _fails("eval.py", ["dataset=dtd", f"data_dir={tmp_path}", "num_workers=0", f"hydra.run.dir={tmp_path / 'e'}"],
+           f"cannot read image {victim}")
+
+
+def test_diverging_loss_stops_with_the_step_and_keeps_the_checkpoints(tmp_path):
+    proc = _fails("train.py", [*QUICK, "trainer.max_steps=30", "method=full_ft", "method.optimizer.lr=1e30",
+                               "trainer.gradient_clip_val=null", f"hydra.run.dir={tmp_path}"],
+                  "the training loss became")
+    step = int(proc.stderr.split(" at step ")[1].split(";")[0])
+    assert step >= 1
+    assert checkpoint(tmp_path)["global_step"] == step  # the last good state, loadable
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
+    proc = run_script("train.py", ["-m", "sparsity=5,0.01", *QUICK, f"hydra.sweep.dir={tmp_path}"], check=False)
+    assert proc.returncode != 0
+    done = [p.parent for p in tmp_path.glob("*/results.json")]
+    failed = [p.parent for p in tmp_path.glob("*/error.txt")]
+    assert len(done) == 1 and "sparsity=0.01" in done[0].name
+    assert len(failed) == 1 and "must be a number in (0, 1]" in (failed[0] / "error.txt").read_text()
+
+
+def test_unknown_group_option_is_reported_by_hydra_without_a_traceback(tmp_path):
+    for bad in ("method=nosuch", "dataset=nosuch", "model=nosuch"):
+        proc = run_script("train.py", [bad, f"hydra.run.dir={tmp_path}"], check=False)
+        assert proc.returncode != 0 and "Could not find" in proc.stderr and "Traceback" not in proc.stderr
