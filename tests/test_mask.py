@@ -136,3 +136,16 @@ def test_stats_count_per_tower_and_block():
     assert stats["mask/tower/image"] == 5 and stats["mask/tower/text"] == 1
     assert stats["mask/block/visual.transformer.resblocks.0"] == 3
     assert stats["mask/block/visual.conv1"] == 2 and stats["mask/block/token_embedding"] == 1
+
+
+def test_large_selection_is_exact_even_when_the_threshold_sample_misleads():
+    """Above 2**20 entries the threshold search samples with a stride; a pattern the stride only ever
+    sees one half of must still give the exact top-k."""
+    n = 2**21 + 6
+    values = torch.full((n,), -5.0)
+    values[::2] = 5.0  # every sampled (even) entry is large; the odd ones are small
+    values[1::2][:100] = 7.0  # a few large odd entries the sample never sees
+    for k in (50, 100, n // 2 + 50, n - 3):
+        (idx,) = M.select_topk({"w": values}, k).values()
+        assert idx.numel() == k
+        assert torch.equal(values[idx].sort(descending=True).values, values.sort(descending=True).values[:k])
