@@ -227,7 +227,7 @@ class FewShotDataModule(pl.LightningDataModule):
         """The few-shot train and val items: drawn with the seed, or read from ``split_file``."""
         if self._split is None:
             if self.split_file:
-                self._split = self._read_split_file()
+                self._split = self._load_saved_split()
             else:
                 pools = self.pools()
                 if self.protocol == "base2new":
@@ -242,7 +242,7 @@ class FewShotDataModule(pl.LightningDataModule):
                 self._split = {"train": train, "val": few_shot(val_pool, min(self.shots, 4), self.seed)}
         return self._split
 
-    def _read_split_file(self) -> Dict[str, List[Item]]:
+    def _load_saved_split(self) -> Dict[str, List[Item]]:
         path = Path(self.split_file)
         try:
             saved = json.loads(path.read_text())

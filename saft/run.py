@@ -6,7 +6,6 @@ few-shot files drawn), Lightning checkpoints and logs, and Hydra's ``.hydra/`` w
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saft.clip import load_clip
 from saft.errors import ConfigError
+from saft.guards import check_multirun_strategy
 from saft.delta import (apply_delta, compute_delta, load_delta, num_changed, save_delta,
                         state_checksum)
 from saft.module import CLIPClassifier
@@ -68,12 +68,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.method.get("mask") and precision.endswith("-true") and precision != "32-true":
         raise ConfigError(f"trainer.precision={precision} stores the weights in low precision, which changes "
                           f"every entry; masked methods need fp32 weights: use bf16-mixed or 16-mixed")
-    strategy = str(cfg.trainer.get("strategy", ""))
-    if (HydraConfig.get().mode == RunMode.MULTIRUN and strategy.startswith("ddp") and "spawn" not in strategy
-            and "SLURM_NTASKS" not in os.environ and "LOCAL_RANK" not in os.environ):
-        raise ConfigError("-m (multirun) with trainer.strategy=ddp is broken upstream: Lightning re-launches "
-                          "the script and each rank runs its own copy of the sweep. Use "
-                          "trainer.strategy=ddp_spawn locally, or a SLURM launcher (one job per sweep point)")
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        check_multirun_strategy(cfg)
 
 
 def output_dir() -> Path:
