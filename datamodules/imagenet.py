@@ -60,7 +60,7 @@ class ImageNetDataModule(FewShotDataModule):
             if not path.exists():
                 raise ConfigError(f"ImageNet: {path} does not exist. Expected under data_dir: {layout}. "
                                   f"Get it from {SOURCE}, then set data_dir (or $SAFT_DATA_DIR)")
-        for name, folder in self.variant_dirs.items():
+        for name, folder in self.active_variants().items():
             sub, naming, source = VARIANTS[name]
             if not (folder / sub).is_dir():
                 raise ConfigError(f"{name}: {folder / sub} does not exist. Expected class folders named by "
@@ -106,7 +106,11 @@ class ImageNetDataModule(FewShotDataModule):
     def build_eval_sets(self) -> List[EvalSet]:
         sets = [EvalSet("imagenet", self._class_folders("val"), self.all_classnames(), self.templates(),
                         self.load_image)]
-        return sets + [self._variant(name, folder) for name, folder in self.variant_dirs.items()]
+        return sets + [self._variant(name, folder) for name, folder in self.active_variants().items()]
+
+    def active_variants(self) -> Dict[str, Path]:
+        """The OOD variants this run evaluates (none under base-to-new, which tests ImageNet val only)."""
+        return {} if self.protocol == "base2new" else self.variant_dirs
 
     def _variant(self, name: str, folder: Path) -> EvalSet:
         sub, naming, _ = VARIANTS[name]

@@ -136,16 +136,35 @@ def train(cfg: DictConfig) -> dict:
     trainer = make_trainer(cfg, callbacks)
     if trainer.is_global_zero:
         datamodule.save_split(output_dir() / "split.json")
+    if trainer.logger is not None:
+        settings = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the full resolved config
+        trainer.logger.log_hyperparams(OmegaConf.to_container(settings, resolve=True))
     if cfg.method.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
         # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
         trainer.save_checkpoint(Path(cfg.checkpoint.dirpath) / "last.ckpt", weights_only=False)
         log.info("rank %d: trained weights sha256 %s", trainer.global_rank,
                  state_checksum(dict(module.model.named_parameters())))
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = write_artifacts(cfg, module, datamodule, mask_callback) if trainer.is_global_zero else None
+    if results and mask_callback is not None and isinstance(trainer.logger, pl.loggers.WandbLogger):
+        from saft.plots import plot_mask_blocks
+        plot_mask_blocks([results], output_dir() / "mask_blocks.png")
+        trainer.logger.log_image(key="mask_blocks", images=[str(output_dir() / "mask_blocks.png")])
     finish(trainer)
     return results
+
+
+def resume_path(cfg: DictConfig):
+    """``ckpt_path`` if given; otherwise this run dir's own ``last.ckpt`` when an earlier attempt of the
+    same run was interrupted (a re-run of the same command, a SLURM requeue), else a fresh start."""
+    if cfg.ckpt_path:
+        return cfg.ckpt_path
+    last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
+    if last.is_file():
+        log.info("resuming the interrupted run from %s", last)
+        return str(last)
+    return None
 
 
 def write_artifacts(cfg, module, datamodule, mask_callback) -> dict:
@@ -166,7 +185,11 @@ def write_artifacts(cfg, module, datamodule, mask_callback) -> dict:
 
 
 def _results(cfg, module, datamodule, num_trainable, changed, extra=None) -> dict:
-    extra = dict(extra or {})
+    mask = cfg.method.get("mask") or {}
+    extra = {"experiment": cfg.get("experiment_name"), "protocol": datamodule.protocol,
+             "towers": list(cfg.method.towers), "lr": (cfg.method.get("optimizer") or {}).get("lr"),
+             "mask_selection": mask.get("selection"), "mask_score": mask.get("score"),
+             "mask_scope": mask.get("scope"), **(extra or {})}
     if datamodule.protocol == "base2new":
         base, new = module.results["base"]["top1"], module.results["new"]["top1"]
         extra["hm"] = 2 * base * new / (base + new) if base + new else 0.0

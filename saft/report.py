@@ -1,0 +1,314 @@
+"""Tables and pictures from finished runs: ``python -m saft.report <sweep or run dirs...> --out DIR``.
+
+Reads every ``results.json`` below the given folders (and notes runs that failed, ``error.txt``, or never
+finished), averages over seeds (mean +- sample std), and writes ``report.md``, ``report.tex``, one CSV
+per table, ``id_vs_ood.png`` and ``mask_blocks.png``. Cells without a finished run show as "-".
+"""
+import argparse
+import csv
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import OmegaConf
+
+from saft.published import BASE_TO_NEW_AVERAGE, DOMAIN_GENERALISATION
+from saft.results import RESULTS
+
+ERROR = "error.txt"
+IMAGENET_SETS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+BASE_TO_NEW_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                        "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+# Settings that make two runs different configurations (the seed does not).
+SETTINGS = ("experiment", "dataset", "protocol", "model", "method", "shots", "sparsity", "mask_score",
+            "mask_scope", "towers", "lr")
+
+
+@dataclass
+class Runs:
+    finished: List[dict] = field(default_factory=list)
+    failed: List[Tuple[Path, str]] = field(default_factory=list)
+    unfinished: List[Path] = field(default_factory=list)
+    planned: List[dict] = field(default_factory=list)  # settings of failed and unfinished runs
+
+
+def _settings_from_config(path: Path) -> dict:
+    """What a run that wrote no results was asked to do, from its saved Hydra config."""
+    cfg = OmegaConf.load(path)
+    mask = cfg.method.get("mask") or {}
+    return {"experiment": cfg.get("experiment_name"), "dataset": cfg.dataset.name, "protocol": cfg.get("protocol"),
+            "model": cfg.model.name, "method": cfg.method.name, "shots": cfg.shots, "sparsity": cfg.sparsity,
+            "mask_score": mask.get("score"), "mask_scope": mask.get("scope"), "towers": list(cfg.method.towers),
+            "lr": (cfg.method.get("optimizer") or {}).get("lr"), "seed": cfg.seed}
+
+
+def collect(dirs: Sequence[Path]) -> Runs:
+    runs = Runs()
+    for root in dirs:
+        for config in sorted(Path(root).glob("**/.hydra/config.yaml")):
+            run_dir = config.parent.parent
+            if (run_dir / RESULTS).is_file():
+                runs.finished.append({**json.loads((run_dir / RESULTS).read_text()), "dir": str(run_dir)})
+                continue
+            if (run_dir / ERROR).is_file():
+                runs.failed.append((run_dir, (run_dir / ERROR).read_text().strip()))
+            else:
+                runs.unfinished.append(run_dir)
+            runs.planned.append(_settings_from_config(config))
+    return runs
+
+
+def settings_key(run: dict) -> tuple:
+    return tuple(json.dumps(run.get(k)) for k in SETTINGS)
+
+
+@dataclass
+class Cell:
+    values: List[float]
+
+    @property
+    def mean(self) -> Optional[float]:
+        return statistics.mean(self.values) if self.values else None
+
+    @property
+    def std(self) -> Optional[float]:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def text(self) -> str:
+        if not self.values:
+            return "-"
+        return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "")
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    columns: List[str]
+    rows: List[Tuple[str, List[object]]]  # label, cells (Cell or a published float)
+
+
+def _cell(runs: Sequence[dict], value) -> Cell:
+    values = [v for v in (value(r) for r in runs) if v is not None]
+    return Cell(values)
+
+
+def _top1(name: str):
+    return lambda r: r["metrics"].get(name, {}).get("top1")
+
+
+def _label(run: dict, varying: Sequence[str]) -> str:
+    parts = [run["method"]] + [f"{k}={run.get(k)}" for k in varying if k != "method"]
+    return ", ".join(str(p) for p in parts)
+
+
+def _groups(runs: Sequence[dict], planned: Sequence[dict] = ()) -> Dict[tuple, List[dict]]:
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in planned:
+        groups.setdefault(settings_key(r), [])
+    for r in runs:
+        groups[settings_key(r)].append(r)
+    return groups
+
+
+def _varying(settings: Sequence[dict]) -> List[str]:
+    """Settings that tell configurations of the same method apart (what a row label must show)."""
+    by_method = defaultdict(list)
+    for s in settings:
+        by_method[s.get("method")].append(s)
+    varying = {k for group in by_method.values() for k in SETTINGS
+               if k != "method" and len({json.dumps(s.get(k)) for s in group}) > 1}
+    return ["method"] + [k for k in SETTINGS if k in varying]
+
+
+def summary_table(runs: Runs) -> Table:
+    """Every configuration: each eval set and the OOD mean (works for any dataset and experiment)."""
+    groups = _groups(runs.finished, runs.planned)
+    examples = {key: (members[0] if members else next(p for p in runs.planned if settings_key(p) == key))
+                for key, members in groups.items()}
+    sets: List[str] = []
+    for r in runs.finished:
+        sets += [s for s in [r["id"], *r["ood"]] if s not in sets]
+    varying = _varying(list(examples.values()))
+    rows = []
+    for key, members in sorted(groups.items(), key=lambda kv: kv[0]):
+        cells = [_cell(members, _top1(s)) for s in sets] + [_cell(members, lambda r: r.get("ood_mean_top1")),
+                                                            len(members)]
+        rows.append((_label(examples[key], varying), cells))
+    return Table("summary", "All configurations (top-1 %, mean ± std over seeds; n = seeds)",
+                 [*sets, "OOD mean", "n"], rows)
+
+
+def domain_generalisation_table(runs: Runs) -> Optional[Table]:
+    dg = [r for r in runs.finished if r["dataset"] == "imagenet" and r.get("protocol", "all") == "all"]
+    if not dg:
+        return None
+    varying = _varying(dg)
+
+    def ood(r):
+        values = [r["metrics"].get(s, {}).get("top1") for s in IMAGENET_SETS[1:]]
+        return statistics.mean(values) if None not in values else None
+    rows = [(_label(members[0], varying), [_cell(members, _top1(s)) for s in IMAGENET_SETS] + [_cell(members, ood)])
+            for _, members in sorted(_groups(dg).items())]
+    rows += [(f"{name} (published)", [*values, statistics.mean(values[1:])])
+             for name, values in DOMAIN_GENERALISATION.items()]
+    return Table("domain_generalisation", "Domain generalisation: 16-shot ImageNet → variants (top-1 %)",
+                 ["ImageNet", "-V2", "-Sketch", "-A", "-R", "OOD avg"], rows)
+
+
+def base_to_new_table(runs: Runs) -> Optional[Table]:
+    b2n = [r for r in runs.finished if r.get("protocol") == "base2new"]
+    if not b2n:
+        return None
+    methods = sorted({r["method"] for r in b2n})
+    columns = [f"{m} {part}" for m in methods for part in ("B", "N", "HM")]
+    rows, per_dataset = [], defaultdict(dict)
+    for dataset in BASE_TO_NEW_DATASETS:
+        cells = []
+        for m in methods:
+            members = [r for r in b2n if r["dataset"] == dataset and r["method"] == m]
+            trio = [_cell(members, _top1("base")), _cell(members, _top1("new")), _cell(members, lambda r: r.get("hm"))]
+            per_dataset[m][dataset] = trio
+            cells += trio
+        rows.append((dataset, cells))
+    average = []
+    for m in methods:  # over the 11 datasets, only when all are there
+        complete = all(per_dataset[m][d][0].values for d in BASE_TO_NEW_DATASETS)
+        for i in range(3):
+            means = [per_dataset[m][d][i].mean for d in BASE_TO_NEW_DATASETS] if complete else []
+            average.append(Cell([statistics.mean(means)]) if means else Cell([]))
+    rows.append(("average", average))
+    width = len(columns)
+    for name, values in BASE_TO_NEW_AVERAGE.items():
+        rows.append((f"{name} average (published)", [*values] + [""] * (width - 3)))
+    return Table("base_to_new", "Base-to-new generalisation (top-1 %; HM = 2BN/(B+N))", columns, rows)
+
+
+def cross_dataset_table(runs: Runs) -> Optional[Table]:
+    cross = [r for r in runs.finished if any(t in r["metrics"] for t in BASE_TO_NEW_DATASETS[1:])
+             and r["dataset"] == "imagenet"]
+    if not cross:
+        return None
+    targets = [t for t in BASE_TO_NEW_DATASETS[1:] if any(t in r["metrics"] for r in cross)]
+
+    def average(r):
+        values = [r["metrics"].get(t, {}).get("top1") for t in targets]
+        return statistics.mean(values) if None not in values else None
+    rows = [(_label(members[0], _varying(cross)),
+             [_cell(members, _top1("imagenet"))] + [_cell(members, _top1(t)) for t in targets] + [_cell(members, average)])
+            for _, members in sorted(_groups(cross).items())]
+    return Table("cross_dataset", "Cross-dataset transfer from 16-shot ImageNet (top-1 %)",
+                 ["ImageNet", *targets, "average"], rows)
+
+
+def ablation_tables(runs: Runs) -> List[Table]:
+    tables = []
+    for experiment in sorted({r.get("experiment") for r in runs.finished if str(r.get("experiment")).startswith("ablation")}):
+        members = [r for r in runs.finished if r.get("experiment") == experiment]
+        varying = _varying(members)
+        rows = [(_label(group[0], varying), [_cell(group, _top1(group[0]["id"])),
+                                             _cell(group, lambda r: r.get("ood_mean_top1")),
+                                             _cell(group, lambda r: float(r["num_trainable"]))])
+                for _, group in sorted(_groups(members).items())]
+        tables.append(Table(experiment, f"Ablation {experiment[len('ablation_'):]} (top-1 %)",
+                            ["ID", "OOD mean", "trainable entries"], rows))
+    return tables
+
+
+def _text(value) -> str:
+    if isinstance(value, Cell):
+        return value.text()
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def to_markdown(table: Table) -> str:
+    lines = [f"### {table.title}", "", "| | " + " | ".join(table.columns) + " |",
+             "|---" * (len(table.columns) + 1) + "|"]
+    lines += ["| " + label + " | " + " | ".join(_text(c) for c in cells) + " |" for label, cells in table.rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(table: Table) -> str:
+    def esc(s: str) -> str:
+        return s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "c" * len(table.columns) + "}",
+             r"\toprule", " & ".join([""] + [esc(c) for c in table.columns]) + r" \\", r"\midrule"]
+    lines += [" & ".join([esc(label)] + [esc(_text(c)) for c in cells]) + r" \\" for label, cells in table.rows]
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(table.title)}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["row"]
+        for c in table.columns:
+            header += [f"{c} mean", f"{c} std", f"{c} n"]
+        writer.writerow(header)
+        for label, cells in table.rows:
+            row = [label]
+            for c in cells:
+                if isinstance(c, Cell):
+                    row += [c.mean if c.mean is not None else "", c.std if c.std is not None else "", len(c.values)]
+                else:
+                    row += [c, "", ""]
+            writer.writerow(row)
+
+
+def build_tables(runs: Runs) -> List[Table]:
+    tables = [domain_generalisation_table(runs), base_to_new_table(runs), cross_dataset_table(runs),
+              *ablation_tables(runs), summary_table(runs)]
+    return [t for t in tables if t is not None]
+
+
+def write_report(dirs: Sequence[Path], out: Path) -> List[Table]:
+    from saft.plots import plot_id_vs_ood, plot_mask_blocks
+    out.mkdir(parents=True, exist_ok=True)
+    runs = collect(dirs)
+    tables = build_tables(runs)
+    status = [f"{len(runs.finished)} finished runs, {len(runs.failed)} failed, {len(runs.unfinished)} unfinished."]
+    status += [f"- failed: {d} ({msg.splitlines()[0]})" for d, msg in runs.failed]
+    status += [f"- unfinished: {d}" for d in runs.unfinished]
+    (out / "report.md").write_text("\n".join(status) + "\n\n" + "\n".join(to_markdown(t) for t in tables))
+    (out / "report.tex").write_text("\n".join(to_latex(t) for t in tables))
+    for t in tables:
+        to_csv(t, out / f"{t.name}.csv")
+    plot_id_vs_ood(runs.finished, out / "id_vs_ood.png")
+    plot_mask_blocks(runs.finished, out / "mask_blocks.png")
+    return tables
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="where to write the report")
+    parser.add_argument("--wandb-project", help="also log the tables and pictures to this wandb project")
+    args = parser.parse_args(argv)
+    missing = [d for d in args.dirs if not d.is_dir()]
+    if missing:
+        raise SystemExit(f"error: not a folder: {', '.join(map(str, missing))}")
+    tables = write_report(args.dirs, args.out)
+    if args.wandb_project:
+        log_to_wandb(args.wandb_project, args.out, tables)
+    print((args.out / "report.md").read_text())
+
+
+def log_to_wandb(project: str, out: Path, tables: Sequence[Table]) -> None:
+    """The tables and pictures as one wandb run (offline unless WANDB_MODE says otherwise)."""
+    import os
+
+    import wandb
+    run = wandb.init(project=project, job_type="report", mode=os.environ.get("WANDB_MODE", "offline"),
+                     dir=str(out))
+    for t in tables:
+        run.log({t.name: wandb.Table(columns=["row", *t.columns],
+                                     data=[[label, *map(_text, cells)] for label, cells in t.rows])})
+    run.log({name: wandb.Image(str(out / f"{name}.png")) for name in ("id_vs_ood", "mask_blocks")})
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Experiment configs, sweeps (local and through submitit), and the report built from finished runs."""
+import csv
+import json
+import shutil
+import statistics
+
+import pytest
+
+from conftest import compose_cfg, read_results, run_script
+from layouts import make_all
+from saft import run
+from saft.report import main as report_main
+
+EXPERIMENTS = ["imagenet_dg", "imagenet_shots", "base2new", "cross_dataset", "ablation_sparsity", "ablation_mask",
+               "ablation_score", "ablation_scope", "ablation_towers"]
+TINY = ["model=tiny", "model.pretrained=null", "trainer=cpu", "trainer.max_steps=2", "batch_size=8",
+        "eval_batch_size=16", "num_workers=0", "shots=2", "trainer.enable_progress_bar=false"]
+SWEEP = ["shots=4", "trainer.max_steps=3", "dataset.datamodule.test_per_class=4", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_all(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_runs_a_few_steps_on_fixture_data(data, tmp_path, name):
+    cfg = compose_cfg(tmp_path, [f"experiment={name}", *TINY, f"data_dir={data}"])
+    assert cfg.experiment_name == name and cfg.hydra.sweeper.params.seed == "1,2,3"
+    results = run.train(cfg)
+    assert results["experiment"] == name and results["metrics"]
+    if name == "base2new":
+        assert results["id"] == "base" and results["ood"] == ["new"] and "hm" in results
+        assert cfg.hydra.sweeper.params.dataset.count(",") == 10  # the 11 datasets
+    if name == "cross_dataset":
+        assert {"dtd", "eurosat", "ucf101"} <= set(results["ood"])
+
+
+def test_slurm_launcher_starts_one_task_per_gpu(tmp_path):
+    cfg = compose_cfg(tmp_path, ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"])
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 4 and launcher.max_num_timeout > 0
+
+
+def test_submitit_local_launcher_runs_a_job_end_to_end(tmp_path):
+    run_script("train.py", ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=3",
+                            *SWEEP, f"hydra.sweep.dir={tmp_path}"])
+    (results,) = [read_results(p.parent) for p in tmp_path.glob("**/results.json")]
+    assert results["seed"] == 3 and results["method"] == "saft"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A 2x2 multirun: two methods, two seeds."""
+    out = tmp_path_factory.mktemp("sweep")
+    run_script("train.py", ["-m", "method=saft,full_ft", "seed=1,2", "method.optimizer.lr=1e-3", *SWEEP,
+                            f"hydra.sweep.dir={out}"])
+    return out
+
+
+def _rows(path):
+    return {row["row"]: row for row in csv.DictReader(open(path))}
+
+
+def test_report_means_and_stds_match_the_runs(sweep, tmp_path):
+    runs = [read_results(p.parent) for p in sweep.glob("*/results.json")]
+    assert len(runs) == 4 and {r["experiment"] for r in runs} == {"adhoc"}
+    report_main([str(sweep), "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "summary.csv")
+    for method in ("saft", "full_ft"):
+        mine = [r for r in runs if r["method"] == method]
+        row = next(v for k, v in rows.items() if k.startswith(method))
+        for name in ("photo", "sketch", "negative"):
+            values = [r["metrics"][name]["top1"] for r in mine]
+            assert float(row[f"{name} mean"]) == pytest.approx(statistics.mean(values))
+            assert float(row[f"{name} std"]) == pytest.approx(statistics.stdev(values))
+        ood = [r["ood_mean_top1"] for r in mine]
+        assert float(row["OOD mean mean"]) == pytest.approx(statistics.mean(ood))
+        assert row["n mean"] == "2"
+    markdown = (tmp_path / "report.md").read_text()
+    assert "4 finished runs, 0 failed" in markdown and " ± " in markdown
+    assert (tmp_path / "report.tex").read_text().count(r"\begin{tabular}") == 1
+    for png in ("id_vs_ood.png", "mask_blocks.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+
+
+def test_partial_sweep_shows_missing_cells_and_failed_runs(sweep, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(sweep, partial)
+    for results in partial.glob("*/results.json"):
+        if json.loads(results.read_text())["method"] == "full_ft":
+            results.unlink()  # as if both full-FT jobs had not finished
+    report_main([str(partial), "--out", str(tmp_path / "report")])
+    rows = _rows(tmp_path / "report" / "summary.csv")
+    full_ft = next(v for k, v in rows.items() if k.startswith("full_ft"))
+    assert full_ft["photo mean"] == "" and full_ft["photo n"] == "0"
+    saft = next(v for k, v in rows.items() if k.startswith("saft"))
+    assert saft["photo n"] == "2"
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "2 finished runs, 0 failed, 2 unfinished" in markdown
+    assert "| full_ft" in markdown and " - |" in markdown
