@@ -85,6 +85,7 @@ def test_multirun_over_methods_with_max_epochs_and_wandb_offline(tmp_path):
     wandb_runs = [list((d / "wandb").glob("offline-run-*")) for d in runs.values()]
     assert all(len(w) == 1 for w in wandb_runs)  # one wandb run per job
     assert len({w[0].name for w in wandb_runs}) == 3
+    assert (runs["random_mask"] / "mask_blocks.png").is_file()  # logged to wandb for masked runs
     full, rnd = read_results(runs["full_ft"]), read_results(runs["random_mask"])
     assert full["num_changed"] > 100 * rnd["num_trainable"] >= 100 * rnd["num_changed"]
 

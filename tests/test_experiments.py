@@ -63,10 +63,12 @@ def _rows(path):
     return {row["row"]: row for row in csv.DictReader(open(path))}
 
 
-def test_report_means_and_stds_match_the_runs(sweep, tmp_path):
+def test_report_means_and_stds_match_the_runs(sweep, tmp_path, monkeypatch):
     runs = [read_results(p.parent) for p in sweep.glob("*/results.json")]
     assert len(runs) == 4 and {r["experiment"] for r in runs} == {"adhoc"}
-    report_main([str(sweep), "--out", str(tmp_path)])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    report_main([str(sweep), "--out", str(tmp_path), "--wandb-project", "saft-test"])
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     rows = _rows(tmp_path / "summary.csv")
     for method in ("saft", "full_ft"):
         mine = [r for r in runs if r["method"] == method]
