@@ -16,9 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from saft.published import BASE_TO_NEW_AVERAGE, DOMAIN_GENERALISATION
-from saft.results import RESULTS
+from saft.results import ERROR, RESULTS
 
-ERROR = "error.txt"
 IMAGENET_SETS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 BASE_TO_NEW_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                         "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")

@@ -6,6 +6,7 @@ from statistics import mean
 from typing import Dict, List, Mapping, Optional
 
 RESULTS = "results.json"
+ERROR = "error.txt"  # what a failed job writes instead
 
 
 def build_results(*, method: str, model: str, dataset: str, shots: int, seed: int, sparsity: float,

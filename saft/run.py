@@ -13,21 +13,20 @@ from typing import Sequence
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saft.clip import load_clip
-from saft.errors import ConfigError
-from saft.guards import check_multirun_strategy
 from saft.delta import (apply_delta, compute_delta, load_delta, num_changed, save_delta,
                         state_checksum)
+from saft.errors import ConfigError
+from saft.guards import check_multirun_strategy
 from saft.module import CLIPClassifier
-from saft.results import RESULTS, build_results, write_json
+from saft.results import ERROR, RESULTS, build_results, write_json
 
 log = logging.getLogger(__name__)
 DELTA = "delta.safetensors"
-ERROR = "error.txt"   # written when a job fails
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -40,10 +39,8 @@ def reports_user_errors(main):
         try:
             return main(cfg)
         except Exception as e:
-            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-            if multirun or not isinstance(e, ConfigError):
+            if HydraConfig.get().mode == RunMode.MULTIRUN or not isinstance(e, ConfigError):
                 (output_dir() / ERROR).write_text(f"{type(e).__name__}: {e}\n")
-            if multirun or not isinstance(e, ConfigError):
                 raise
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
