@@ -39,7 +39,8 @@ def child(args) -> dict:
                  "dataset.datamodule.test_per_class=8", "trainer=cpu", f"trainer.max_steps={args.steps}",
                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                  "trainer.check_val_every_n_epoch=1000", "trainer.gradient_clip_val=1.0",
-                 "checkpoint.every_n_train_steps=100000", "logger=csv", f"hydra.run.dir={out}"]
+                 "checkpoint.every_n_train_steps=100000", "logger=csv", "eval_zeroshot=false",
+                 f"hydra.run.dir={out}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
     with open_dict(cfg):

@@ -23,6 +23,7 @@ from saft.delta import (apply_delta, compute_delta, load_delta, num_changed, sav
 from saft.errors import ConfigError
 from saft.guards import check_multirun_strategy
 from saft.module import CLIPClassifier
+from saft.pretrain import resolve_pretrained
 from saft.results import ERROR, RESULTS, build_results, write_json
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def build_datamodule(cfg: DictConfig):
 def build(cfg: DictConfig):
     """The datamodule (checked first: it is cheap), then the model around it."""
     datamodule = build_datamodule(cfg)
-    model, train_tf, eval_tf, tokenizer = load_clip(**cfg.model)
+    model, train_tf, eval_tf, tokenizer = load_clip(**resolve_pretrained(cfg.model))
     datamodule.set_transforms(train_tf, eval_tf)
     method = cfg.method
     optimizer = hydra.utils.instantiate(method.optimizer) if method.train else None
@@ -114,7 +115,7 @@ def make_trainer(cfg: DictConfig, callbacks) -> pl.Trainer:
 
 def base_parameters(cfg: DictConfig):
     """The pre-trained parameters, rebuilt from the config (tag, file or seeded init)."""
-    return {n: p.detach() for n, p in load_clip(**cfg.model)[0].named_parameters()}
+    return {n: p.detach() for n, p in load_clip(**resolve_pretrained(cfg.model))[0].named_parameters()}
 
 
 def finish(trainer: pl.Trainer) -> None:
@@ -136,6 +137,10 @@ def train(cfg: DictConfig) -> dict:
     if trainer.logger is not None:
         settings = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the full resolved config
         trainer.logger.log_hyperparams(OmegaConf.to_container(settings, resolve=True))
+    before = None
+    if cfg.get("eval_zeroshot") and cfg.method.train:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        before = dict(module.results)
     if cfg.method.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
         # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
@@ -143,7 +148,10 @@ def train(cfg: DictConfig) -> dict:
         log.info("rank %d: trained weights sha256 %s", trainer.global_rank,
                  state_checksum(dict(module.model.named_parameters())))
     trainer.test(module, datamodule=datamodule, verbose=False)
-    results = write_artifacts(cfg, module, datamodule, mask_callback) if trainer.is_global_zero else None
+    results = None
+    if trainer.is_global_zero:
+        results = write_artifacts(cfg, module, datamodule, mask_callback, before)
+        print(comparison_table(results))
     if results and mask_callback is not None and isinstance(trainer.logger, pl.loggers.WandbLogger):
         from saft.plots import plot_mask_blocks
         plot_mask_blocks([results], output_dir() / "mask_blocks.png")
@@ -164,7 +172,20 @@ def resume_path(cfg: DictConfig):
     return None
 
 
-def write_artifacts(cfg, module, datamodule, mask_callback) -> dict:
+def comparison_table(results: dict) -> str:
+    """Top-1 per eval set before training (zero-shot, when measured) and after, as Markdown."""
+    sets = [results["id"], *results["ood"]]
+    header = "| | " + " | ".join(f"{s} (ID)" if s == results["id"] else s for s in sets) + " | OOD mean |"
+    rows = [header, "|---" * (len(sets) + 2) + "|"]
+    for label, metrics in (("zero-shot", results.get("zeroshot_metrics")), (results["method"], results["metrics"])):
+        if metrics:
+            ood = [metrics[s]["top1"] for s in results["ood"]]
+            mean = f"{sum(ood) / len(ood):.2f}" if ood else "-"
+            rows.append(f"| {label} | " + " | ".join(f"{metrics[s]['top1']:.2f}" for s in sets) + f" | {mean} |")
+    return "\n".join(rows)
+
+
+def write_artifacts(cfg, module, datamodule, mask_callback, before=None) -> dict:
     """delta.safetensors against the rebuilt base model, then results.json."""
     out = output_dir()
     base = base_parameters(cfg)
@@ -175,6 +196,8 @@ def write_artifacts(cfg, module, datamodule, mask_callback) -> dict:
         num_trainable, extra = mask_callback.stats["mask/k"], {"mask": mask_callback.stats}
     else:
         num_trainable, extra = sum(p.numel() for p in module.model.parameters() if p.requires_grad), {}
+    if before:
+        extra["zeroshot_metrics"] = before
     results = _results(cfg, module, datamodule, num_trainable, num_changed(delta), extra)
     write_json(out / RESULTS, results)
     log.info("results: %s", out / RESULTS)
@@ -206,10 +229,11 @@ def compose_for_run(run_dir: Path, overrides: Sequence[str], composed: DictConfi
         raise ConfigError(f"run_dir={run_dir} is not a finished training run (it needs {RESULTS}, {DELTA} "
                           f"and .hydra/); point run_dir at the output dir of a completed train.py run")
     cfg = OmegaConf.load(hydra_dir / "config.yaml")
+    choices = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        if key == "run_dir" or key.startswith("hydra"):
-            continue
+        if key == "run_dir" or key.startswith("hydra") or choices.get(key) == override.value():
+            continue  # naming the run's own group choice keeps the run's settings for it
         if key.split(".")[0] in ("model", "method"):
             raise ConfigError(f"{key} cannot be overridden together with run_dir: the delta belongs to the "
                               f"run's base model and method")

@@ -13,11 +13,11 @@ GROUPS = {g: sorted(p.stem for p in (Path(CONF) / g).glob("*.yaml"))
 
 
 def test_every_group_has_the_options_the_docs_promise():
-    assert {"tiny", "vit_b16"} <= set(GROUPS["model"])
+    assert {"tiny", "vit_b16", "fmnist_clip"} <= set(GROUPS["model"])
     assert {"saft", "full_ft", "random_mask", "zeroshot"} <= set(GROUPS["method"])
     assert {"default", "cpu", "gpu", "ddp"} <= set(GROUPS["trainer"])
     assert {"csv", "wandb"} <= set(GROUPS["logger"])
-    assert "synthetic" in GROUPS["dataset"]
+    assert {"synthetic", "fmnist_styles"} <= set(GROUPS["dataset"])
 
 
 @pytest.mark.parametrize("config_name", ["train", "eval"])
@@ -44,7 +44,7 @@ def test_option_composes_and_instantiates(tmp_path, config_name, group, option):
         datamodule = hydra.utils.instantiate(cfg.dataset.datamodule)
         assert datamodule.shots == cfg.shots and datamodule.seed == cfg.seed
     elif group == "model":
-        assert cfg.model.name in ("saft-tiny", "ViT-B-16-quickgelu")
+        assert cfg.model.name in ("saft-tiny", "ViT-B-16-quickgelu", "saft-fmnist")
 
 
 def test_eval_config_defaults_to_zero_shot(tmp_path):

@@ -96,7 +96,7 @@ def test_base_to_new_split_and_relabelling(data):
 
 
 def test_cross_dataset_eval_sets_join_the_run(data, tmp_path):
-    cfg = compose_cfg(tmp_path, ["dataset=imagenet", f"data_dir={data}", "eval_datasets=[dtd,oxford_pets]"])
+    cfg = compose_cfg(tmp_path, ["model=tiny", "dataset=imagenet", f"data_dir={data}", "eval_datasets=[dtd,oxford_pets]"])
     dm = run.build_datamodule(cfg)
     names = [s.name for s in dm.eval_sets()]
     assert names[:5] == ["imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
@@ -162,7 +162,7 @@ def test_eval_and_train_on_every_dataset_end_to_end(data, tmp_path):
     imagenet_result = next(r for r in results if r["dataset"] == "imagenet")
     assert imagenet_result["ood"] == ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
     assert imagenet_result["metrics"]["imagenet_a"]["n"] == 6
-    run_script("train.py", ["dataset=eurosat", "protocol=base2new", "eval_datasets=[dtd]", f"data_dir={data}",
+    run_script("train.py", ["model=tiny", "dataset=eurosat", "protocol=base2new", "eval_datasets=[dtd]", f"data_dir={data}",
                             "shots=2", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "num_workers=2",
                             f"hydra.run.dir={tmp_path / 'train'}"])
     trained = read_results(tmp_path / "train")

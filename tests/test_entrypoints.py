@@ -13,7 +13,7 @@ from saft import run
 from saft.callback import SparseMaskCallback
 from saft.mask import select_topk
 
-QUICK = ["trainer.enable_progress_bar=false", "dataset.datamodule.test_per_class=5",
+QUICK = ["model=tiny", "dataset=synthetic", "trainer.enable_progress_bar=false", "dataset.datamodule.test_per_class=5",
          "dataset.datamodule.train_per_class=8"]
 SCHEMA = {"method", "model", "dataset", "shots", "seed", "sparsity", "num_params", "num_trainable",
           "num_changed", "metrics", "id", "ood", "ood_mean_top1"}
@@ -63,7 +63,7 @@ def test_eval_of_a_run_reproduces_its_metrics_exactly(trained, tmp_path):
 
 
 def test_eval_of_a_run_accepts_other_data_overrides(trained, tmp_path):
-    run_script("eval.py", [f"run_dir={trained}", "dataset.datamodule.test_per_class=2",
+    run_script("eval.py", [f"run_dir={trained}", "dataset=synthetic", "dataset.datamodule.test_per_class=2",
                            f"hydra.run.dir={tmp_path / 'e'}"])
     assert all(m["n"] == 12 for m in read_results(tmp_path / "e")["metrics"].values())
 
@@ -130,7 +130,7 @@ def test_ddp_on_two_cpu_processes_keeps_masks_identical_and_frozen(tmp_path):
     (["model.name=NoSuchArch"], "unknown open_clip architecture"),
 ])
 def test_bad_input_gets_one_clear_message(tmp_path, args, message):
-    proc = run_script("train.py", [*args, f"hydra.run.dir={tmp_path}"], check=False)
+    proc = run_script("train.py", [*QUICK, *args, f"hydra.run.dir={tmp_path}"], check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -138,7 +138,7 @@ def test_bad_input_gets_one_clear_message(tmp_path, args, message):
 def test_a_finished_run_is_never_overwritten(trained, tmp_path):
     before = (trained / "results.json").read_bytes()
     for extra in ([], [f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"]):
-        proc = run_script("train.py", [f"hydra.run.dir={trained}", *extra], check=False)
+        proc = run_script("train.py", [*QUICK, f"hydra.run.dir={trained}", *extra], check=False)
         assert proc.returncode == 2 and "already holds finished results" in proc.stderr
     assert (trained / "results.json").read_bytes() == before
 
@@ -164,13 +164,13 @@ def test_eval_refuses_what_is_not_a_run_and_model_or_method_overrides(trained, t
 
 
 def test_multirun_with_relaunched_ddp_is_refused(tmp_path):
-    proc = run_script("train.py", ["-m", "seed=1,2", "trainer=ddp", "trainer.accelerator=cpu",
+    proc = run_script("train.py", ["-m", *QUICK, "seed=1,2", "trainer=ddp", "trainer.accelerator=cpu",
                                    f"hydra.sweep.dir={tmp_path}"], check=False)
     assert proc.returncode == 2 and "ddp_spawn" in proc.stderr
     assert not list(tmp_path.glob("**/results.json"))
 
 
 def test_missing_checkpoint_to_resume_from_is_named(tmp_path):
-    proc = run_script("train.py", [f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'r'}"],
+    proc = run_script("train.py", [*QUICK, f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'r'}"],
                       check=False)
     assert proc.returncode == 2 and "nope.ckpt is not a file" in proc.stderr

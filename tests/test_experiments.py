@@ -15,7 +15,7 @@ EXPERIMENTS = ["imagenet_dg", "imagenet_shots", "base2new", "cross_dataset", "ab
                "ablation_score", "ablation_scope", "ablation_towers"]
 TINY = ["model=tiny", "model.pretrained=null", "trainer=cpu", "trainer.max_steps=2", "batch_size=8",
         "eval_batch_size=16", "num_workers=0", "shots=2", "trainer.enable_progress_bar=false"]
-SWEEP = ["shots=4", "trainer.max_steps=3", "dataset.datamodule.test_per_class=4", "trainer.enable_progress_bar=false"]
+SWEEP = ["model=tiny", "dataset=synthetic", "shots=4", "trainer.max_steps=3", "dataset.datamodule.test_per_class=4", "trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_experiment_composes_and_runs_a_few_steps_on_fixture_data(data, tmp_path
 
 
 def test_slurm_launcher_starts_one_task_per_gpu(tmp_path):
-    cfg = compose_cfg(tmp_path, ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"])
+    cfg = compose_cfg(tmp_path, ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"])  # composes only
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert launcher.tasks_per_node == launcher.gpus_per_node == 4 and launcher.max_num_timeout > 0

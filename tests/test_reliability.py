@@ -16,7 +16,7 @@ from conftest import ROOT, checkpoint, ckpt_params, read_results, run_script
 from layouts import make_coop
 from saft.checkpoint_io import AtomicCheckpointIO
 
-ARGS = ["shots=4", "batch_size=8", "dataset.datamodule.test_per_class=5", "trainer.max_steps=60", "trainer.enable_progress_bar=false",
+ARGS = ["model=tiny", "dataset=synthetic", "shots=4", "batch_size=8", "dataset.datamodule.test_per_class=5", "trainer.max_steps=60", "trainer.enable_progress_bar=false",
         "checkpoint.every_n_train_steps=1", "sparsity=0.01", "method.optimizer.lr=0.01"]
 
 
@@ -35,7 +35,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert not (killed / "results.json").exists()
     step_at_kill = checkpoint(killed)["global_step"]
     assert 12 <= step_at_kill < 60  # last.ckpt is written just after step_000013.ckpt
-    run_script("train.py", [*ARGS, f"hydra.run.dir={killed}", "ckpt_path=last"])  # the documented resume
+    # The same command again resumes by itself (what a SLURM requeue does); ckpt_path=last says it explicitly.
+    proc = run_script("train.py", [*ARGS, f"hydra.run.dir={killed}"])
+    assert "resuming the interrupted run from" in proc.stdout + proc.stderr
     whole, resumed = checkpoint(tmp_path / "whole"), checkpoint(killed)
     assert resumed["global_step"] == whole["global_step"] == 60
     assert all(torch.equal(ckpt_params(whole)[n], ckpt_params(resumed)[n]) for n in ckpt_params(whole))
@@ -57,7 +59,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert torch.equal(io.load_checkpoint(target)["w"], torch.ones(3))  # the old file is intact
 
 
-QUICK = ["shots=4", "dataset.datamodule.test_per_class=3", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+QUICK = ["model=tiny", "dataset=synthetic", "shots=4", "dataset.datamodule.test_per_class=3", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
          "checkpoint.every_n_train_steps=1"]
 
 
@@ -107,7 +109,7 @@ def test_unreadable_image_stops_the_run_and_names_the_file(tmp_path):
     make_coop(tmp_path, "dtd")
     victim = tmp_path / "dtd" / "images" / "Forest" / "test_0.jpg"
     victim.write_bytes(b"\xff\xd8 truncated jpeg")
-    _fails("eval.py", ["dataset=dtd", f"data_dir={tmp_path}", "num_workers=0", f"hydra.run.dir={tmp_path / 'e'}"],
+    _fails("eval.py", ["model=tiny", "dataset=dtd", f"data_dir={tmp_path}", "num_workers=0", f"hydra.run.dir={tmp_path / 'e'}"],
            f"cannot read image {victim}")
 
 
@@ -132,5 +134,6 @@ def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
 
 def test_unknown_group_option_is_reported_by_hydra_without_a_traceback(tmp_path):
     for bad in ("method=nosuch", "dataset=nosuch", "model=nosuch"):
-        proc = run_script("train.py", [bad, f"hydra.run.dir={tmp_path}"], check=False)
+        proc = run_script("train.py", ["model=tiny", "dataset=synthetic", bad, f"hydra.run.dir={tmp_path}"],
+                          check=False)
         assert proc.returncode != 0 and "Could not find" in proc.stderr and "Traceback" not in proc.stderr

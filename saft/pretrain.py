@@ -1,0 +1,138 @@
+"""Contrastive pretraining of a small CLIP on captioned, styled Fashion-MNIST (the CPU benchmark's base).
+
+The result is an ordinary open_clip checkpoint file, loaded through ``model.pretrained`` like any other.
+``model.pretrained=auto`` with a ``model.pretrain`` block names the file after a hash of that block in
+``$SAFT_CACHE_DIR`` (default ``~/.cache/saft``) and builds it there when it is missing. Rebuild with
+``python -m saft.pretrain`` (or delete the file).
+"""
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Dict, Mapping
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.fmnist_styles import CLASSNAMES, STYLES, caption, load_fashion_mnist, render, style_rng
+from saft.clip import load_clip
+from saft.errors import ConfigError
+
+log = logging.getLogger(__name__)
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def cache_path(name: str, spec: Mapping) -> Path:
+    digest = hashlib.sha256(json.dumps({"arch": name, **spec}, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("SAFT_CACHE_DIR", Path.home() / ".cache" / "saft"))
+    return root / f"{name}-{digest}.pt"
+
+
+class StyledCaptions(Dataset):
+    """Item i: training image i mod n in a style drawn (with ``style_weights``) from i and the seed, and
+    the index of its caption "a <style> of a <class>." among len(STYLES) x 10 captions."""
+
+    def __init__(self, images, labels, style_weights: Mapping[str, float], seed: int, length: int, transform):
+        self.images, self.labels, self.transform, self.length, self.seed = images, labels, transform, length, seed
+        weights = np.array([style_weights.get(s, 0.0) for s in STYLES], dtype=np.float64)
+        self.cumulative = np.cumsum(weights / weights.sum())
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        rng = style_rng(f"pretrain/{self.seed}/{i}")
+        style = int(np.searchsorted(self.cumulative, rng.random(), side="right").clip(0, len(STYLES) - 1))
+        n = i % len(self.images)
+        image = render(self.images[n], STYLES[style], rng)
+        return self.transform(image), style * len(CLASSNAMES) + int(self.labels[n])
+
+
+class ContrastivePretraining(pl.LightningModule):
+    """CLIP's two-way contrastive loss over the 50 distinct captions: images -> captions is a 50-way
+    cross-entropy; captions -> images spreads each caption's target over every image carrying it (plain
+    CLIP loss would treat identical captions in a batch as negatives)."""
+
+    def __init__(self, model, tokens: torch.Tensor, lr: float, steps: int, warmup: int):
+        super().__init__()
+        self.model, self.lr, self.steps, self.warmup = model, lr, steps, warmup
+        self.register_buffer("tokens", tokens)
+
+    def training_step(self, batch, batch_idx):
+        images, captions = batch
+        image = self.model.encode_image(images, normalize=True)
+        text = self.model.encode_text(self.tokens, normalize=True)
+        logits = self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image @ text.T
+        to_text = F.cross_entropy(logits, captions)
+        present = torch.unique(captions)
+        targets = (captions[None, :] == present[:, None]).float()
+        to_image = F.cross_entropy(logits.T[present], targets / targets.sum(1, keepdim=True))
+        loss = (to_text + to_image) / 2
+        self.log("pretrain/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        # The token embedding (6.3 M of the 8.2 M entries) stays at its random init: 50 fixed captions need
+        # no new word vectors, and skipping it halves the optimizer's work on a CPU.
+        params = [p for n, p in self.model.named_parameters() if n != "token_embedding.weight"]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.1)
+        warm = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (self.warmup + 1), total_iters=self.warmup)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.steps - self.warmup))
+        schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[self.warmup])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def pretrain(name: str, out: Path, data_dir: str, steps: int, batch_size: int, lr: float, seed: int,
+             style_weights: Mapping[str, float], train_size: int = 50000, download: bool = False) -> Path:
+    """Train ``name`` from a seeded random init and save it as an open_clip checkpoint at ``out``."""
+    log.info("pretraining %s for %d steps into %s (once; it is cached)", name, steps, out)
+    pl.seed_everything(seed, workers=True)
+    model, train_tf, _, tokenizer = load_clip(name, None, init_seed=seed)
+    images, labels, _, _ = load_fashion_mnist(data_dir, download)
+    data = StyledCaptions(images[:train_size], labels[:train_size], style_weights, seed, steps * batch_size, train_tf)
+    tokens = tokenizer([caption(s, c) for s in STYLES for c in CLASSNAMES])
+    model.token_embedding.weight.requires_grad_(False)
+    module = ContrastivePretraining(model, tokens, lr, steps, warmup=max(1, steps // 20))
+    trainer = pl.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, enable_progress_bar=True, gradient_clip_val=1.0)
+    trainer.fit(module, DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_pretrained(model_cfg: Mapping) -> Dict:
+    """Arguments for ``load_clip``: ``pretrained=auto`` becomes the cached file, built if missing."""
+    args = {k: v for k, v in model_cfg.items() if k != "pretrain"}
+    spec = model_cfg.get("pretrain")
+    if args.get("pretrained") == "auto":
+        if not spec:
+            raise ConfigError("model.pretrained=auto needs a model.pretrain block (see conf/model/fmnist_clip.yaml)")
+        spec = dict(spec)
+        path = cache_path(args["name"], {k: v for k, v in spec.items() if k not in ("data_dir", "download")})
+        if not path.is_file():
+            pretrain(args["name"], path, **spec)
+        args["pretrained"] = str(path)
+    return args
+
+
+def main() -> None:
+    """Rebuild the benchmark's pretrained CLIP with the settings of conf/model/fmnist_clip.yaml."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=fmnist_clip"])
+    spec = dict(cfg.model.pretrain)
+    path = cache_path(cfg.model.name, {k: v for k, v in spec.items() if k not in ("data_dir", "download")})
+    pretrain(cfg.model.name, path, **spec)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
