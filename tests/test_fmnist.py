@@ -77,7 +77,7 @@ def test_datamodule_splits_and_eval_sets(arrays, tmp_path):
 def pretrained(arrays, tmp_path_factory):
     """A short pretraining of the tiny architecture (a few hundred images), through the cache."""
     cache = tmp_path_factory.mktemp("cache")
-    spec = {"steps": 150, "batch_size": 64, "lr": 3e-3, "seed": 0, "style_weights": WEIGHTS,
+    spec = {"steps": 300, "batch_size": 64, "lr": 3e-3, "seed": 0, "style_weights": WEIGHTS,
             "train_size": 600, "data_dir": str(tmp_path_factory.mktemp("fm2"))}
     mp = pytest.MonkeyPatch()
     mp.setenv("SAFT_CACHE_DIR", str(cache))
@@ -109,7 +109,8 @@ def test_zero_shot_beats_chance_after_pretraining(pretrained, tmp_path):
     cfg.dataset.datamodule.data_dir = str(tmp_path)
     results = run.train(cfg)
     chance = 100 / len(fm.CLASSNAMES)
-    assert results["metrics"]["photo"]["top1"] > 2.5 * chance, results["metrics"]
+    pretrained_styles = [results["metrics"][s]["top1"] for s in ("photo", "sketch", "negative")]
+    assert sum(pretrained_styles) / 3 > 2.5 * chance, results["metrics"]
 
 
 def test_tradeoff_experiment_writes_table_and_plot(pretrained, tmp_path):
