@@ -17,6 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.fmnist_styles import CLASSNAMES, STYLES, caption, load_fashion_mnist, render, style_rng
@@ -110,6 +111,8 @@ def pretrain(name: str, out: Path, data_dir: str, steps: int, batch_size: int, l
 
 def resolve_pretrained(model_cfg: Mapping) -> Dict:
     """Arguments for ``load_clip``: ``pretrained=auto`` becomes the cached file, built if missing."""
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
     args = {k: v for k, v in model_cfg.items() if k != "pretrain"}
     spec = model_cfg.get("pretrain")
     if args.get("pretrained") == "auto":
@@ -128,7 +131,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["model=fmnist_clip"])
-    spec = dict(cfg.model.pretrain)
+    spec = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
     path = cache_path(cfg.model.name, {k: v for k, v in spec.items() if k not in ("data_dir", "download")})
     pretrain(cfg.model.name, path, **spec)
     print(path)
