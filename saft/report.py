@@ -100,8 +100,9 @@ def _top1(name: str):
 
 
 def _label(run: dict, varying: Sequence[str]) -> str:
-    parts = [run["method"]] + [f"{k}={run.get(k)}" for k in varying if k != "method"]
-    return ", ".join(str(p) for p in parts)
+    def show(value):
+        return f"{value:.3g}" if isinstance(value, float) else value
+    return ", ".join([run["method"]] + [f"{k}={show(run.get(k))}" for k in varying if k != "method"])
 
 
 def _groups(runs: Sequence[dict], planned: Sequence[dict] = ()) -> Dict[tuple, List[dict]]:
