@@ -34,10 +34,15 @@ def plot_id_vs_ood(runs: Sequence[dict], path: Path) -> None:
         order = sorted(range(len(xs)), key=xs.__getitem__)
         ax.errorbar([xs[i] for i in order], [ys[i] for i in order], xerr=[xerr[i] for i in order],
                     yerr=[yerr[i] for i in order], marker="o", capsize=3, label=method)
+    zeroshot = next((r for r in runs if r.get("zeroshot_metrics") and r.get("ood")), None)
+    if zeroshot is not None:  # the base model every run started from
+        z = zeroshot["zeroshot_metrics"]
+        ax.plot(z[zeroshot["id"]]["top1"], sum(z[s]["top1"] for s in zeroshot["ood"]) / len(zeroshot["ood"]),
+                "k*", markersize=12, label="zero-shot")
     ax.set_xlabel("ID top-1 (%)")
     ax.set_ylabel("OOD mean top-1 (%)")
     ax.set_title("ID vs OOD accuracy (mean ± std over seeds)")
-    if points:
+    if points or zeroshot is not None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -23,7 +23,7 @@ BASE_TO_NEW_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars"
                         "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 # Settings that make two runs different configurations (the seed does not).
 SETTINGS = ("experiment", "dataset", "protocol", "model", "method", "shots", "sparsity", "mask_score",
-            "mask_scope", "towers", "lr")
+            "mask_scope", "mask_include", "mask_exclude", "towers", "lr")
 
 
 @dataclass
@@ -40,7 +40,9 @@ def _settings_from_config(path: Path) -> dict:
     mask = cfg.method.get("mask") or {}
     return {"experiment": cfg.get("experiment_name"), "dataset": cfg.dataset.name, "protocol": cfg.get("protocol"),
             "model": cfg.model.name, "method": cfg.method.name, "shots": cfg.shots, "sparsity": cfg.sparsity,
-            "mask_score": mask.get("score"), "mask_scope": mask.get("scope"), "towers": list(cfg.method.towers),
+            "mask_score": mask.get("score"), "mask_scope": mask.get("scope"),
+            "mask_include": list(mask.get("include") or []), "mask_exclude": list(mask.get("exclude") or []),
+            "towers": list(cfg.method.towers),
             "lr": (cfg.method.get("optimizer") or {}).get("lr"), "seed": cfg.seed}
 
 

@@ -209,7 +209,8 @@ def _results(cfg, module, datamodule, num_trainable, changed, extra=None) -> dic
     extra = {"experiment": cfg.get("experiment_name"), "protocol": datamodule.protocol,
              "towers": list(cfg.method.towers), "lr": (cfg.method.get("optimizer") or {}).get("lr"),
              "mask_selection": mask.get("selection"), "mask_score": mask.get("score"),
-             "mask_scope": mask.get("scope"), **(extra or {})}
+             "mask_scope": mask.get("scope"), "mask_include": list(mask.get("include") or []),
+             "mask_exclude": list(mask.get("exclude") or []), **(extra or {})}
     if datamodule.protocol == "base2new":
         base, new = module.results["base"]["top1"], module.results["new"]["top1"]
         extra["hm"] = 2 * base * new / (base + new) if base + new else 0.0
