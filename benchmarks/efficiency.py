@@ -57,22 +57,15 @@ def child(args) -> dict:
         def on_train_batch_end(self, *a):
             timings["step"].append(time.perf_counter() - self.t)
 
-    select = SparseMaskCallback._select
-
-    def timed_select(self, *a, **k):
-        t = time.perf_counter()
-        result = select(self, *a, **k)
-        timings["mask"] = time.perf_counter() - t
-        return result
-    SparseMaskCallback._select = timed_select
-    scores = SparseMaskCallback.gradient_scores
-
-    def timed_scores(self, *a, **k):
-        t = time.perf_counter()
-        result = scores(self, *a, **k)
-        timings["scores"] = time.perf_counter() - t
-        return result
-    SparseMaskCallback.gradient_scores = timed_scores
+    def timed(method, key):
+        def wrapper(self, *a, **k):
+            t = time.perf_counter()
+            result = method(self, *a, **k)
+            timings[key] = time.perf_counter() - t
+            return result
+        return wrapper
+    SparseMaskCallback._select = timed(SparseMaskCallback._select, "mask")
+    SparseMaskCallback.gradient_scores = timed(SparseMaskCallback.gradient_scores, "scores")
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pl.seed_everything(1)
