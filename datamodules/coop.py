@@ -56,6 +56,7 @@ class CoOpDataModule(FewShotDataModule):
         if dataset not in DATASETS:
             raise ConfigError(f"unknown CoOp dataset {dataset!r}; choose from {sorted(DATASETS)}")
         self.dataset, self.root, self.spec = dataset, Path(root), DATASETS[dataset]
+        self._images = ImageFolder(self.root / self.spec.image_dir)
         self._data: Optional[Tuple[Dict[str, list], List[str]]] = None
 
     def _fail(self, path, problem: str):
@@ -122,7 +123,7 @@ class CoOpDataModule(FewShotDataModule):
         return COOP[self.dataset]
 
     def load_image(self, key: str):
-        return ImageFolder(self.root / self.spec.image_dir)(key)
+        return self._images(key)
 
     def pools(self):
         splits = self.data()[0]
@@ -130,4 +131,4 @@ class CoOpDataModule(FewShotDataModule):
 
     def build_eval_sets(self) -> List[EvalSet]:
         return [EvalSet(self.dataset, self.data()[0]["test"], self.all_classnames(), self.templates(),
-                        ImageFolder(self.root / self.spec.image_dir))]
+                        self._images)]

@@ -48,6 +48,7 @@ class ImageNetDataModule(FewShotDataModule):
         if templates not in IMAGENET_EVAL:
             raise ConfigError(f"ImageNet templates {templates!r} is not one of {list(IMAGENET_EVAL)}")
         self.root, self.template_set = Path(root), templates
+        self._images = ImageFolder(self.root)
         self.variant_dirs = {k: Path(v) for k, v in (variant_dirs or {}).items()}
         unknown = set(self.variant_dirs) - set(VARIANTS)
         if unknown:
@@ -88,7 +89,7 @@ class ImageNetDataModule(FewShotDataModule):
         return IMAGENET_TRAIN
 
     def load_image(self, key: str):
-        return ImageFolder(self.root)(key)
+        return self._images(key)
 
     def _class_folders(self, split: str):
         items = []

@@ -4,7 +4,7 @@ Why not torch's AdamW with masked gradients: decoupled weight decay multiplies e
 a gradient, so frozen entries would drift. Here an entry outside the mask is never written, whatever the
 weight decay, and the moment buffers hold k values instead of a dense copy of the model.
 """
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 import torch
 
@@ -23,8 +23,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid MaskedAdamW hyper-parameters lr={lr} betas={betas} eps={eps} "
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.masks: Dict[torch.Tensor, torch.Tensor] = {}
-        self.masks_set = False
+        self.masks: Optional[Dict[torch.Tensor, torch.Tensor]] = None
 
     def set_masks(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
         """``{parameter: sorted flat indices}``; every parameter must belong to this optimizer."""
@@ -33,11 +32,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError("a masked parameter is not in this optimizer's parameter groups "
                              "(is its tower frozen?)")
         self.masks = {p: idx.to(p.device) for p, idx in masks.items()}
-        self.masks_set = True
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not self.masks_set:
+        if self.masks is None:
             raise RuntimeError("MaskedAdamW.step() was called before set_masks(): add the SAFT mask "
                                "callback (saft.callback.SparseMaskCallback) to the trainer")
         loss = None
