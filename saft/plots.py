@@ -2,7 +2,7 @@
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -17,33 +17,22 @@ def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def plot_id_vs_ood(runs: Sequence[dict], path: Path) -> None:
-    """One curve per method through its settings (sparsity, lr, shots...), error bars over seeds."""
-    points = defaultdict(lambda: defaultdict(list))  # method -> setting -> [(id, ood)]
-    for r in runs:
-        if r.get("ood_mean_top1") is None:
-            continue
-        setting = (r.get("sparsity") if r.get("mask_selection") else None, r.get("lr"), r["shots"], r["dataset"])
-        points[r["method"]][setting].append((r["metrics"][r["id"]]["top1"], r["ood_mean_top1"]))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, settings in sorted(points.items()):
-        xs, ys, xerr, yerr = [], [], [], []
-        for pairs in settings.values():
-            (x, sx), (y, sy) = _mean_std([p[0] for p in pairs]), _mean_std([p[1] for p in pairs])
-            xs.append(x), ys.append(y), xerr.append(sx), yerr.append(sy)
-        order = sorted(range(len(xs)), key=xs.__getitem__)
-        ax.errorbar([xs[i] for i in order], [ys[i] for i in order], xerr=[xerr[i] for i in order],
-                    yerr=[yerr[i] for i in order], marker="o", capsize=3, label=method)
-    zeroshot = next((r for r in runs if r.get("zeroshot_metrics") and r.get("ood")), None)
-    if zeroshot is not None:  # the base model every run started from
-        z = zeroshot["zeroshot_metrics"]
-        ax.plot(z[zeroshot["id"]]["top1"], sum(z[s]["top1"] for s in zeroshot["ood"]) / len(zeroshot["ood"]),
-                "k*", markersize=12, label="zero-shot")
+def plot_id_vs_ood(curves: Dict[str, Sequence[Sequence[Tuple[float, float]]]],
+                   zeroshot: Optional[Tuple[float, float]], path: Path) -> None:
+    """One curve per configuration (label -> its points, each point the (ID, OOD mean) of every seed), error
+    bars over seeds, and the zero-shot model every run started from as a star."""
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for label, points in curves.items():
+        stats = sorted((_mean_std([p[0] for p in seeds]), _mean_std([p[1] for p in seeds])) for seeds in points)
+        ax.errorbar([x for (x, _), _ in stats], [y for _, (y, _) in stats], xerr=[sx for (_, sx), _ in stats],
+                    yerr=[sy for _, (_, sy) in stats], marker="o", capsize=3, label=label)
+    if zeroshot is not None:
+        ax.plot(*zeroshot, "k*", markersize=12, label="zero-shot")
     ax.set_xlabel("ID top-1 (%)")
     ax.set_ylabel("OOD mean top-1 (%)")
     ax.set_title("ID vs OOD accuracy (mean ± std over seeds)")
-    if points or zeroshot is not None:
-        ax.legend()
+    if curves or zeroshot is not None:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -2,7 +2,9 @@
 
 Reads every ``results.json`` below the given folders (and notes runs that failed, ``error.txt``, or never
 finished), averages over seeds (mean +- sample std), and writes ``report.md``, ``report.tex``, one CSV
-per table, ``id_vs_ood.png`` and ``mask_blocks.png``. Cells without a finished run show as "-".
+per table, ``id_vs_ood.png`` (one curve per configuration through its learning rates) and ``mask_blocks.png``.
+Runs with a zero-shot reference are also compared with full fine-tuning at matched ID accuracy. Cells without
+a finished run show as "-".
 """
 import argparse
 import csv
@@ -24,6 +26,7 @@ BASE_TO_NEW_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars"
 # Settings that make two runs different configurations (the seed does not).
 SETTINGS = ("experiment", "dataset", "protocol", "model", "method", "shots", "sparsity", "mask_score",
             "mask_scope", "mask_include", "mask_exclude", "towers", "lr")
+MASK_SETTINGS = ("sparsity", "mask_score", "mask_scope", "mask_include", "mask_exclude")  # moot without a mask
 
 
 @dataclass
@@ -40,7 +43,7 @@ def _settings_from_config(path: Path) -> dict:
     mask = cfg.method.get("mask") or {}
     return {"experiment": cfg.get("experiment_name"), "dataset": cfg.dataset.name, "protocol": cfg.get("protocol"),
             "model": cfg.model.name, "method": cfg.method.name, "shots": cfg.shots, "sparsity": cfg.sparsity,
-            "mask_score": mask.get("score"), "mask_scope": mask.get("scope"),
+            "mask_selection": mask.get("selection"), "mask_score": mask.get("score"), "mask_scope": mask.get("scope"),
             "mask_include": list(mask.get("include") or []), "mask_exclude": list(mask.get("exclude") or []),
             "towers": list(cfg.method.towers),
             "lr": (cfg.method.get("optimizer") or {}).get("lr"), "seed": cfg.seed}
@@ -62,8 +65,14 @@ def collect(dirs: Sequence[Path]) -> Runs:
     return runs
 
 
+def _sortable(value) -> str:
+    """Numbers as fixed-width text, so that rows sort by value (lr 3e-6 before 1e-5)."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return f"{value:024.12f}" if numeric else json.dumps(value)
+
+
 def settings_key(run: dict) -> tuple:
-    return tuple(json.dumps(run.get(k)) for k in SETTINGS)
+    return tuple(_sortable(run.get(k)) for k in SETTINGS)
 
 
 @dataclass
@@ -104,7 +113,8 @@ def _top1(name: str):
 def _label(run: dict, varying: Sequence[str]) -> str:
     def show(value):
         return f"{value:.3g}" if isinstance(value, float) else value
-    return ", ".join([run["method"]] + [f"{k}={show(run.get(k))}" for k in varying if k != "method"])
+    shown = [k for k in varying if k != "method" and (run.get("mask_selection") or k not in MASK_SETTINGS)]
+    return ", ".join([run["method"]] + [f"{k}={show(run.get(k))}" for k in shown])
 
 
 def _groups(runs: Sequence[dict], planned: Sequence[dict] = ()) -> Dict[tuple, List[dict]]:
@@ -220,6 +230,64 @@ def ablation_tables(runs: Runs) -> List[Table]:
     return tables
 
 
+def _id_ood(run: dict, metrics_key: str = "metrics") -> Optional[Tuple[float, float]]:
+    metrics = run.get(metrics_key)
+    if not metrics or not run.get("ood") or any(s not in metrics for s in [run["id"], *run["ood"]]):
+        return None
+    return metrics[run["id"]]["top1"], statistics.mean(metrics[s]["top1"] for s in run["ood"])
+
+
+def interpolate(points: Sequence[Tuple[float, float]], x: float) -> Optional[float]:
+    """y at x on the polyline through ``points`` taken in order of x; None outside their x range, because
+    extrapolating a trade-off curve invents evidence."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def tradeoff_curves(runs: Sequence[dict]) -> Dict[str, List[List[Tuple[float, float]]]]:
+    """Label -> points of one configuration over learning rates, each point the (ID, OOD) of every seed."""
+    finished = [r for r in runs if _id_ood(r) is not None]
+    varying = [k for k in _varying(finished) if k != "lr"]
+    curves: Dict[tuple, Dict[tuple, List[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in finished:
+        curves[tuple(_sortable(r.get(k)) for k in SETTINGS if k != "lr")][settings_key(r)].append(r)
+    return {_label(next(iter(points.values()))[0], varying): [[_id_ood(r) for r in seeds] for seeds in points.values()]
+            for _, points in sorted(curves.items())}
+
+
+def matched_id_table(runs: Runs) -> Optional[Table]:
+    """Each configuration against full fine-tuning at the same ID accuracy: per seed, full FT's OOD mean is
+    read off the polyline through that seed's FT runs (all learning rates) and the zero-shot start (FT with
+    lr -> 0), never beyond FT's largest measured ID; mean +- std over the seeds where that is possible."""
+    measured = [r for r in runs.finished if _id_ood(r) and _id_ood(r, "zeroshot_metrics")]
+    if not any(r["method"] == "full_ft" for r in measured) or all(r["method"] == "full_ft" for r in measured):
+        return None
+
+    def context(r):
+        return json.dumps([r["dataset"], r["model"], r["shots"], r.get("protocol"), r.get("towers"), r["seed"]])
+    ft = defaultdict(set)
+    for r in measured:
+        if r["method"] == "full_ft":
+            ft[context(r)] |= {_id_ood(r), _id_ood(r, "zeroshot_metrics")}
+
+    def versus_ft(r):
+        (x, y), curve = _id_ood(r), ft.get(context(r))
+        at = interpolate(list(curve), x) if curve else None
+        return None if at is None else y - at
+    varying = _varying(measured)
+    rows = [(_label(group[0], varying),
+             [_cell(group, lambda r: _id_ood(r)[0] - _id_ood(r, "zeroshot_metrics")[0]),
+              _cell(group, lambda r: _id_ood(r)[1] - _id_ood(r, "zeroshot_metrics")[1]),
+              "reference" if group[0]["method"] == "full_ft" else _cell(group, versus_ft)])
+            for _, group in sorted(_groups(measured).items())]
+    return Table("matched_id", "Against full fine-tuning at matched ID accuracy (points; change from zero-shot, "
+                 "and OOD mean minus full FT's at the same ID, over the seeds inside FT's measured range)",
+                 ["ID gain", "OOD change", "OOD vs full FT"], rows)
+
+
 def _text(value) -> str:
     if isinstance(value, Cell):
         return value.text()
@@ -262,7 +330,7 @@ def to_csv(table: Table, path: Path) -> None:
 
 def build_tables(runs: Runs) -> List[Table]:
     tables = [domain_generalisation_table(runs), base_to_new_table(runs), cross_dataset_table(runs),
-              *ablation_tables(runs), summary_table(runs)]
+              *ablation_tables(runs), matched_id_table(runs), summary_table(runs)]
     return [t for t in tables if t is not None]
 
 
@@ -278,7 +346,8 @@ def write_report(dirs: Sequence[Path], out: Path) -> List[Table]:
     (out / "report.tex").write_text("\n".join(to_latex(t) for t in tables))
     for t in tables:
         to_csv(t, out / f"{t.name}.csv")
-    plot_id_vs_ood(runs.finished, out / "id_vs_ood.png")
+    start = next((_id_ood(r, "zeroshot_metrics") for r in runs.finished if _id_ood(r, "zeroshot_metrics")), None)
+    plot_id_vs_ood(tradeoff_curves(runs.finished), start, out / "id_vs_ood.png")
     plot_mask_blocks(runs.finished, out / "mask_blocks.png")
     return tables
 

@@ -63,3 +63,18 @@ def test_sparsity_and_shots_flow_into_callback_and_datamodule(tmp_path):
     datamodule = hydra.utils.instantiate(cfg.dataset.datamodule)
     assert (datamodule.shots, datamodule.seed) == (3, 7)
     assert len(datamodule.split["train"]) == 6 * 3
+
+
+ARMS = {"full_ft": ("full_ft", 0.001, None), "saft": ("saft", 0.001, []),
+        "saft_no_embed": ("saft", 0.001, ["conv1", "embedding"]),
+        "saft_no_embed_1pct": ("saft", 0.01, ["conv1", "embedding"]), "random_mask": ("random_mask", 0.001, [])}
+
+
+@pytest.mark.parametrize("arm", sorted(p.stem for p in (Path(CONF) / "arm").glob("*.yaml")))
+def test_every_arm_sets_its_method_and_keeps_the_experiment_settings(tmp_path, arm):
+    cfg = compose_cfg(tmp_path, ["experiment=fmnist_tradeoff", f"arm={arm}"])
+    method, sparsity, exclude = ARMS[arm]
+    assert (cfg.method.name, cfg.sparsity) == (method, sparsity)
+    assert (list(cfg.method.mask.exclude) if cfg.method.mask else None) == exclude
+    assert list(cfg.method.towers) == ["image"] and cfg.method.schedule == "constant" and cfg.shots == 64
+    assert set(cfg.hydra.sweeper.params.arm.split(",")) == set(ARMS)

@@ -82,7 +82,7 @@ def test_report_means_and_stds_match_the_runs(sweep, tmp_path, monkeypatch):
         assert row["n mean"] == "2"
     markdown = (tmp_path / "report.md").read_text()
     assert "4 finished runs, 0 failed" in markdown and " ± " in markdown
-    assert (tmp_path / "report.tex").read_text().count(r"\begin{tabular}") == 1
+    assert (tmp_path / "report.tex").read_text().count(r"\begin{tabular}") == 2  # matched ID + summary
     for png in ("id_vs_ood.png", "mask_blocks.png"):
         assert (tmp_path / png).stat().st_size > 5000
 
@@ -102,3 +102,28 @@ def test_partial_sweep_shows_missing_cells_and_failed_runs(sweep, tmp_path):
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "2 finished runs, 0 failed, 2 unfinished" in markdown
     assert "| full_ft" in markdown and " - |" in markdown
+
+
+def _run(method, seed, id_top1, ood_top1, lr, zeroshot=(20.0, 80.0)):
+    """A results.json as the report reads it: ID "a", OOD "b" and "c" (OOD mean = ood_top1)."""
+    metrics = lambda x, y: {"a": {"top1": x}, "b": {"top1": y - 1}, "c": {"top1": y + 1}}  # noqa: E731
+    return {"method": method, "seed": seed, "lr": lr, "dataset": "d", "model": "m", "shots": 4, "towers": ["image"],
+            "mask_selection": None if method == "full_ft" else "gradient", "id": "a", "ood": ["b", "c"],
+            "metrics": metrics(id_top1, ood_top1), "zeroshot_metrics": metrics(*zeroshot)}
+
+
+def test_matched_id_reads_full_ft_off_its_own_seed_and_never_extrapolates():
+    from saft.report import Runs, interpolate, matched_id_table
+    assert interpolate([(2.0, 10.0), (0.0, 0.0), (4.0, 0.0)], 1.0) == 5.0
+    assert interpolate([(0.0, 0.0), (2.0, 10.0)], 2.5) is None
+    runs = [_run("full_ft", 1, 30.0, 70.0, 1e-5), _run("full_ft", 1, 40.0, 50.0, 3e-5),
+            _run("full_ft", 2, 24.0, 78.0, 1e-5), _run("full_ft", 2, 28.0, 72.0, 3e-5),
+            _run("saft", 1, 25.0, 79.0, 1e-3), _run("saft", 2, 26.0, 75.0, 1e-3),   # inside FT's range
+            _run("saft", 1, 45.0, 60.0, 1e-2), _run("saft", 2, 27.0, 74.0, 1e-2)]   # seed 1: beyond FT's
+    rows = {label: cells for label, cells in matched_id_table(Runs(finished=runs)).rows}
+    assert rows["full_ft, lr=1e-05"][2] == "reference"
+    assert rows["full_ft, lr=1e-05"][0].values == [10.0, 4.0] and rows["full_ft, lr=1e-05"][1].values == [-10.0, -2.0]
+    # seed 1: FT's OOD at ID 25 lies halfway from zero-shot (20, 80) to (30, 70): 75. Seed 2: at ID 26 it lies
+    # halfway from (24, 78) to (28, 72): 75.
+    assert rows["saft, lr=0.001"][2].values == pytest.approx([79.0 - 75.0, 75.0 - 75.0])
+    assert rows["saft, lr=0.01"][2].values == pytest.approx([74.0 - 73.5])
