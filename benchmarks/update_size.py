@@ -1,4 +1,4 @@
-"""How far each configuration moved its model: ||delta||_2, and the share of it in each part of the model.
+"""How far each configuration moved its model: ||delta||_2, max |delta|, and the embeddings' share of it.
 
     python benchmarks/update_size.py multirun/fmnist_tradeoff/<date> --base ~/.cache/saft/saft-fmnist-<hash>.pt
 

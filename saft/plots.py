@@ -1,4 +1,4 @@
-"""Pictures from finished runs: ID-vs-OOD trade-off per method, and where the SAFT mask lands."""
+"""Pictures from finished runs: ID-vs-OOD trade-off per configuration, and where the SAFT mask lands."""
 import statistics
 from collections import defaultdict
 from pathlib import Path

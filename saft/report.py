@@ -65,14 +65,19 @@ def collect(dirs: Sequence[Path]) -> Runs:
     return runs
 
 
-def _sortable(value) -> str:
-    """Numbers as fixed-width text, so that rows sort by value (lr 3e-6 before 1e-5)."""
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-    return f"{value:024.12f}" if numeric else json.dumps(value)
+def _setting(run: dict, key: str):
+    """A run's value of one setting; mask settings are moot (None) for a method without a mask."""
+    return None if key in MASK_SETTINGS and not run.get("mask_selection") else run.get(key)
 
 
-def settings_key(run: dict) -> tuple:
-    return tuple(_sortable(run.get(k)) for k in SETTINGS)
+def _sortable(value) -> tuple:
+    """Numbers before everything else and in numeric order (lr 3e-6 before 1e-5), the rest as JSON."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, float(value), "") if numeric else (1, 0.0, json.dumps(value))
+
+
+def settings_key(run: dict, skip: Sequence[str] = ()) -> tuple:
+    return tuple(_sortable(_setting(run, k)) for k in SETTINGS if k not in skip)
 
 
 @dataclass
@@ -114,7 +119,7 @@ def _label(run: dict, varying: Sequence[str]) -> str:
     def show(value):
         return f"{value:.3g}" if isinstance(value, float) else value
     shown = [k for k in varying if k != "method" and (run.get("mask_selection") or k not in MASK_SETTINGS)]
-    return ", ".join([run["method"]] + [f"{k}={show(run.get(k))}" for k in shown])
+    return ", ".join([run["method"]] + [f"{k}={show(_setting(run, k))}" for k in shown])
 
 
 def _groups(runs: Sequence[dict], planned: Sequence[dict] = ()) -> Dict[tuple, List[dict]]:
@@ -132,7 +137,7 @@ def _varying(settings: Sequence[dict]) -> List[str]:
     for s in settings:
         by_method[s.get("method")].append(s)
     varying = {k for group in by_method.values() for k in SETTINGS
-               if k != "method" and len({json.dumps(s.get(k)) for s in group}) > 1}
+               if k != "method" and len({json.dumps(_setting(s, k)) for s in group}) > 1}
     return ["method"] + [k for k in SETTINGS if k in varying]
 
 
@@ -238,13 +243,18 @@ def _id_ood(run: dict, metrics_key: str = "metrics") -> Optional[Tuple[float, fl
 
 
 def interpolate(points: Sequence[Tuple[float, float]], x: float) -> Optional[float]:
-    """y at x on the polyline through ``points`` taken in order of x; None outside their x range, because
-    extrapolating a trade-off curve invents evidence."""
-    points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    """y at x on the polyline through ``points`` taken in order of x (points that share an x count as their
+    mean y); None outside their x range, because extrapolating a trade-off curve invents evidence."""
+    by_x = defaultdict(list)
+    for px, py in points:
+        by_x[px].append(py)
+    line = [(px, statistics.mean(ys)) for px, ys in sorted(by_x.items())]
+    if len(line) == 1:
+        return line[0][1] if line[0][0] == x else None
+    for (x0, y0), (x1, y1) in zip(line, line[1:]):
         if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
 
 
 def tradeoff_curves(runs: Sequence[dict]) -> Dict[str, List[List[Tuple[float, float]]]]:
@@ -253,7 +263,7 @@ def tradeoff_curves(runs: Sequence[dict]) -> Dict[str, List[List[Tuple[float, fl
     varying = [k for k in _varying(finished) if k != "lr"]
     curves: Dict[tuple, Dict[tuple, List[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in finished:
-        curves[tuple(_sortable(r.get(k)) for k in SETTINGS if k != "lr")][settings_key(r)].append(r)
+        curves[settings_key(r, skip=("lr",))][settings_key(r)].append(r)
     return {_label(next(iter(points.values()))[0], varying): [[_id_ood(r) for r in seeds] for seeds in points.values()]
             for _, points in sorted(curves.items())}
 
@@ -261,13 +271,15 @@ def tradeoff_curves(runs: Sequence[dict]) -> Dict[str, List[List[Tuple[float, fl
 def matched_id_table(runs: Runs) -> Optional[Table]:
     """Each configuration against full fine-tuning at the same ID accuracy: per seed, full FT's OOD mean is
     read off the polyline through that seed's FT runs (all learning rates) and the zero-shot start (FT with
-    lr -> 0), never beyond FT's largest measured ID; mean +- std over the seeds where that is possible."""
+    lr -> 0) of the same experiment; a seed whose ID lies outside that range (below zero-shot or above FT's
+    largest measured ID) is left out, and "n" counts the seeds that remain."""
     measured = [r for r in runs.finished if _id_ood(r) and _id_ood(r, "zeroshot_metrics")]
     if not any(r["method"] == "full_ft" for r in measured) or all(r["method"] == "full_ft" for r in measured):
         return None
 
     def context(r):
-        return json.dumps([r["dataset"], r["model"], r["shots"], r.get("protocol"), r.get("towers"), r["seed"]])
+        return json.dumps([r.get("experiment"), r["dataset"], r["model"], r["shots"], r.get("protocol"),
+                           r.get("towers"), r["seed"]])
     ft = defaultdict(set)
     for r in measured:
         if r["method"] == "full_ft":
@@ -277,15 +289,18 @@ def matched_id_table(runs: Runs) -> Optional[Table]:
         (x, y), curve = _id_ood(r), ft.get(context(r))
         at = interpolate(list(curve), x) if curve else None
         return None if at is None else y - at
+    def cells(group):
+        changes = [_cell(group, lambda r: _id_ood(r)[0] - _id_ood(r, "zeroshot_metrics")[0]),
+                   _cell(group, lambda r: _id_ood(r)[1] - _id_ood(r, "zeroshot_metrics")[1])]
+        if group[0]["method"] == "full_ft":
+            return changes + ["reference", len(group)]
+        versus = _cell(group, versus_ft)
+        return changes + [versus, len(versus.values)]
     varying = _varying(measured)
-    rows = [(_label(group[0], varying),
-             [_cell(group, lambda r: _id_ood(r)[0] - _id_ood(r, "zeroshot_metrics")[0]),
-              _cell(group, lambda r: _id_ood(r)[1] - _id_ood(r, "zeroshot_metrics")[1]),
-              "reference" if group[0]["method"] == "full_ft" else _cell(group, versus_ft)])
-            for _, group in sorted(_groups(measured).items())]
+    rows = [(_label(group[0], varying), cells(group)) for _, group in sorted(_groups(measured).items())]
     return Table("matched_id", "Against full fine-tuning at matched ID accuracy (points; change from zero-shot, "
-                 "and OOD mean minus full FT's at the same ID, over the seeds inside FT's measured range)",
-                 ["ID gain", "OOD change", "OOD vs full FT"], rows)
+                 "and OOD mean minus full FT's at the same ID; n = seeds inside FT's measured range)",
+                 ["ID gain", "OOD change", "OOD vs full FT", "n"], rows)
 
 
 def _text(value) -> str:

@@ -112,18 +112,35 @@ def _run(method, seed, id_top1, ood_top1, lr, zeroshot=(20.0, 80.0)):
             "metrics": metrics(id_top1, ood_top1), "zeroshot_metrics": metrics(*zeroshot)}
 
 
-def test_matched_id_reads_full_ft_off_its_own_seed_and_never_extrapolates():
-    from saft.report import Runs, interpolate, matched_id_table
+def test_interpolate_reads_the_polyline_and_never_extrapolates():
+    from saft.report import interpolate
     assert interpolate([(2.0, 10.0), (0.0, 0.0), (4.0, 0.0)], 1.0) == 5.0
-    assert interpolate([(0.0, 0.0), (2.0, 10.0)], 2.5) is None
+    assert interpolate([(0.0, 0.0), (2.0, 10.0)], 2.5) is None and interpolate([(0.0, 0.0), (2.0, 10.0)], -1) is None
+    assert interpolate([(20.0, 80.0), (20.0, 78.0), (30.0, 70.0)], 20.0) == 79.0  # equal x: their mean y
+    assert interpolate([(1.0, 5.0)], 1.0) == 5.0 and interpolate([(1.0, 5.0)], 2.0) is None
+
+
+def test_matched_id_reads_full_ft_off_its_own_seed_and_never_extrapolates():
+    from saft.report import Runs, matched_id_table
     runs = [_run("full_ft", 1, 30.0, 70.0, 1e-5), _run("full_ft", 1, 40.0, 50.0, 3e-5),
             _run("full_ft", 2, 24.0, 78.0, 1e-5), _run("full_ft", 2, 28.0, 72.0, 3e-5),
             _run("saft", 1, 25.0, 79.0, 1e-3), _run("saft", 2, 26.0, 75.0, 1e-3),   # inside FT's range
             _run("saft", 1, 45.0, 60.0, 1e-2), _run("saft", 2, 27.0, 74.0, 1e-2)]   # seed 1: beyond FT's
     rows = {label: cells for label, cells in matched_id_table(Runs(finished=runs)).rows}
-    assert rows["full_ft, lr=1e-05"][2] == "reference"
+    assert rows["full_ft, lr=1e-05"][2:] == ["reference", 2]
     assert rows["full_ft, lr=1e-05"][0].values == [10.0, 4.0] and rows["full_ft, lr=1e-05"][1].values == [-10.0, -2.0]
     # seed 1: FT's OOD at ID 25 lies halfway from zero-shot (20, 80) to (30, 70): 75. Seed 2: at ID 26 it lies
     # halfway from (24, 78) to (28, 72): 75.
     assert rows["saft, lr=0.001"][2].values == pytest.approx([79.0 - 75.0, 75.0 - 75.0])
-    assert rows["saft, lr=0.01"][2].values == pytest.approx([74.0 - 73.5])
+    assert rows["saft, lr=0.01"][2].values == pytest.approx([74.0 - 73.5]) and rows["saft, lr=0.01"][3] == 1
+
+
+def test_tradeoff_curves_follow_each_configuration_through_its_learning_rates():
+    from saft.report import tradeoff_curves
+    dense = [{**_run("saft", seed, 30.0 + seed, 70.0, lr), "sparsity": 0.01} for seed in (1, 2) for lr in (1e-3, 1e-2)]
+    runs = [{**_run("full_ft", seed, 20.0 + lr * 1e5, 75.0, lr), "sparsity": sparsity}  # sparsity moot for FT
+            for seed in (1, 2) for lr in (3e-6, 1e-5) for sparsity in (0.001, 0.01)]
+    curves = tradeoff_curves(runs + dense + [{**_run("saft", 1, 25.0, 79.0, 1e-3), "sparsity": 0.001}])
+    assert set(curves) == {"full_ft", "saft, sparsity=0.001", "saft, sparsity=0.01"}
+    assert [sorted(seeds) for seeds in curves["full_ft"]] == [[(20.3, 75.0)] * 4, [(21.0, 75.0)] * 4]  # lr order
+    assert sorted(map(sorted, curves["saft, sparsity=0.01"])) == [[(31.0, 70.0), (32.0, 70.0)]] * 2
