@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from saft.delta import load_delta  # noqa: E402
-from saft.report import _id_ood, _label, _varying, collect, settings_key  # noqa: E402
+from saft.report import _id_ood, _label, _varying, changes_from_zeroshot, collect, settings_key  # noqa: E402
 from saft.run import DELTA  # noqa: E402
 
 EMBEDDINGS = ("visual.conv1.", "visual.positional_embedding", "visual.class_embedding")
@@ -53,8 +53,8 @@ def main(argv=None) -> None:
     for _, members in sorted(groups.items()):
         def mean(value):
             return statistics.mean(value(r) for r in members)
-        print(f"| {_label(members[0], varying)} | {mean(lambda r: _id_ood(r)[0] - _id_ood(r, 'zeroshot_metrics')[0]):+.1f} "
-              f"| {mean(lambda r: _id_ood(r)[1] - _id_ood(r, 'zeroshot_metrics')[1]):+.1f} "
+        print(f"| {_label(members[0], varying)} | {mean(lambda r: changes_from_zeroshot(r)[0]):+.1f} "
+              f"| {mean(lambda r: changes_from_zeroshot(r)[1]):+.1f} "
               f"| {mean(lambda r: r['num_changed']):.0f} | {mean(lambda r: r['l2']):.3f} | {mean(lambda r: r['max']):.4f} "
               f"| {mean(lambda r: r['embedding_share']):.2f} |")
 

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from saft.published import BASE_TO_NEW_AVERAGE, DOMAIN_GENERALISATION
-from saft.results import ERROR, RESULTS
+from saft.results import ERROR, RESULTS, run_settings
 
 IMAGENET_SETS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 BASE_TO_NEW_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -37,18 +37,6 @@ class Runs:
     planned: List[dict] = field(default_factory=list)  # settings of failed and unfinished runs
 
 
-def _settings_from_config(path: Path) -> dict:
-    """What a run that wrote no results was asked to do, from its saved Hydra config."""
-    cfg = OmegaConf.load(path)
-    mask = cfg.method.get("mask") or {}
-    return {"experiment": cfg.get("experiment_name"), "dataset": cfg.dataset.name, "protocol": cfg.get("protocol"),
-            "model": cfg.model.name, "method": cfg.method.name, "shots": cfg.shots, "sparsity": cfg.sparsity,
-            "mask_selection": mask.get("selection"), "mask_score": mask.get("score"), "mask_scope": mask.get("scope"),
-            "mask_include": list(mask.get("include") or []), "mask_exclude": list(mask.get("exclude") or []),
-            "towers": list(cfg.method.towers),
-            "lr": (cfg.method.get("optimizer") or {}).get("lr"), "seed": cfg.seed}
-
-
 def collect(dirs: Sequence[Path]) -> Runs:
     runs = Runs()
     for root in dirs:
@@ -61,13 +49,16 @@ def collect(dirs: Sequence[Path]) -> Runs:
                 runs.failed.append((run_dir, (run_dir / ERROR).read_text().strip()))
             else:
                 runs.unfinished.append(run_dir)
-            runs.planned.append(_settings_from_config(config))
+            runs.planned.append(run_settings(OmegaConf.load(config)))
     return runs
 
 
+def _moot(run: dict, key: str) -> bool:
+    return key in MASK_SETTINGS and not run.get("mask_selection")  # a mask setting of a method without a mask
+
+
 def _setting(run: dict, key: str):
-    """A run's value of one setting; mask settings are moot (None) for a method without a mask."""
-    return None if key in MASK_SETTINGS and not run.get("mask_selection") else run.get(key)
+    return None if _moot(run, key) else run.get(key)
 
 
 def _sortable(value) -> tuple:
@@ -118,8 +109,8 @@ def _top1(name: str):
 def _label(run: dict, varying: Sequence[str]) -> str:
     def show(value):
         return f"{value:.3g}" if isinstance(value, float) else value
-    shown = [k for k in varying if k != "method" and (run.get("mask_selection") or k not in MASK_SETTINGS)]
-    return ", ".join([run["method"]] + [f"{k}={show(_setting(run, k))}" for k in shown])
+    shown = [k for k in varying if k != "method" and not _moot(run, k)]
+    return ", ".join([run["method"]] + [f"{k}={show(run.get(k))}" for k in shown])
 
 
 def _groups(runs: Sequence[dict], planned: Sequence[dict] = ()) -> Dict[tuple, List[dict]]:
@@ -242,6 +233,12 @@ def _id_ood(run: dict, metrics_key: str = "metrics") -> Optional[Tuple[float, fl
     return metrics[run["id"]]["top1"], statistics.mean(metrics[s]["top1"] for s in run["ood"])
 
 
+def changes_from_zeroshot(run: dict) -> Tuple[float, float]:
+    """(ID gain, OOD-mean change) of a run against the zero-shot model it started from."""
+    (x, y), (x0, y0) = _id_ood(run), _id_ood(run, "zeroshot_metrics")
+    return x - x0, y - y0
+
+
 def interpolate(points: Sequence[Tuple[float, float]], x: float) -> Optional[float]:
     """y at x on the polyline through ``points`` taken in order of x (points that share an x count as their
     mean y); None outside their x range, because extrapolating a trade-off curve invents evidence."""
@@ -290,8 +287,8 @@ def matched_id_table(runs: Runs) -> Optional[Table]:
         at = interpolate(list(curve), x) if curve else None
         return None if at is None else y - at
     def cells(group):
-        changes = [_cell(group, lambda r: _id_ood(r)[0] - _id_ood(r, "zeroshot_metrics")[0]),
-                   _cell(group, lambda r: _id_ood(r)[1] - _id_ood(r, "zeroshot_metrics")[1])]
+        changes = [_cell(group, lambda r: changes_from_zeroshot(r)[0]),
+                   _cell(group, lambda r: changes_from_zeroshot(r)[1])]
         if group[0]["method"] == "full_ft":
             return changes + ["reference", len(group)]
         versus = _cell(group, versus_ft)

@@ -9,15 +9,25 @@ RESULTS = "results.json"
 ERROR = "error.txt"  # what a failed job writes instead
 
 
-def build_results(*, method: str, model: str, dataset: str, shots: int, seed: int, sparsity: float,
-                  num_params: int, num_trainable: int, num_changed: int,
+def run_settings(cfg) -> Dict:
+    """What a run was asked to do, from its composed config: the keys that tell configurations apart in
+    ``results.json`` and in the report (which reads them from the saved config of runs that never finished)."""
+    mask = cfg.method.get("mask") or {}
+    return {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "shots": cfg.shots,
+            "seed": cfg.seed, "sparsity": cfg.sparsity, "experiment": cfg.get("experiment_name"),
+            "protocol": cfg.get("protocol"), "towers": list(cfg.method.towers),
+            "lr": (cfg.method.get("optimizer") or {}).get("lr"), "mask_selection": mask.get("selection"),
+            "mask_score": mask.get("score"), "mask_scope": mask.get("scope"),
+            "mask_include": list(mask.get("include") or []), "mask_exclude": list(mask.get("exclude") or [])}
+
+
+def build_results(settings: Mapping, *, num_params: int, num_trainable: int, num_changed: int,
                   metrics: Mapping[str, Mapping[str, float]], id_name: str, ood: List[str],
                   extra: Optional[Dict] = None) -> Dict:
-    """``metrics`` = ``{eval set: {"top1": percent, "n": examples}}``; ``ood_mean_top1`` is the plain
-    mean over the OOD sets (None when there are none)."""
+    """``settings`` = :func:`run_settings`; ``metrics`` = ``{eval set: {"top1": percent, "n": examples}}``;
+    ``ood_mean_top1`` is the plain mean over the OOD sets (None when there are none)."""
     return {
-        "method": method, "model": model, "dataset": dataset, "shots": shots, "seed": seed,
-        "sparsity": sparsity, "num_params": num_params, "num_trainable": num_trainable,
+        **settings, "num_params": num_params, "num_trainable": num_trainable,
         "num_changed": num_changed, "metrics": {k: dict(v) for k, v in metrics.items()},
         "id": id_name, "ood": list(ood),
         "ood_mean_top1": mean(metrics[n]["top1"] for n in ood) if ood else None,

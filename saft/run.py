@@ -12,6 +12,7 @@ from typing import Sequence
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
@@ -24,7 +25,7 @@ from saft.errors import ConfigError
 from saft.guards import check_multirun_strategy
 from saft.module import CLIPClassifier
 from saft.pretrain import resolve_pretrained
-from saft.results import ERROR, RESULTS, build_results, write_json
+from saft.results import ERROR, RESULTS, build_results, run_settings, write_json
 
 log = logging.getLogger(__name__)
 DELTA = "delta.safetensors"
@@ -85,14 +86,21 @@ def build_datamodule(cfg: DictConfig):
             known = sorted(p.stem for p in path.parent.glob("*.yaml"))
             raise ConfigError(f"eval_datasets: there is no dataset config {name!r}; choose from {known}")
         other_cfg = cfg.copy()
-        with open_dict(other_cfg):  # the group config as Hydra would compose it, under this run's keys
-            loader = OmegaConf.load(CONF_DIR / "fewshot_loader.yaml")
-            other_cfg.dataset = {"datamodule": OmegaConf.merge(loader, OmegaConf.load(path).datamodule)}
+        with open_dict(other_cfg):  # the group config under this run's keys, so ${shots} etc. are the run's
+            other_cfg.dataset = _dataset_config(name)
             other_cfg.protocol = "all"
         other = hydra.utils.instantiate(other_cfg.dataset.datamodule)
         other.check()
         datamodule.add_eval_sets(other.eval_sets())
     return datamodule
+
+
+def _dataset_config(name: str) -> DictConfig:
+    """conf/dataset/<name>.yaml as Hydra composes it, defaults list included (inside a Hydra app or not)."""
+    if GlobalHydra.instance().is_initialized():
+        return hydra.compose(config_name="train", overrides=[f"dataset={name}"]).dataset
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra.compose(config_name="train", overrides=[f"dataset={name}"]).dataset
 
 
 def build(cfg: DictConfig):
@@ -205,18 +213,11 @@ def write_artifacts(cfg, module, datamodule, mask_callback, before=None) -> dict
 
 
 def _results(cfg, module, datamodule, num_trainable, changed, extra=None) -> dict:
-    mask = cfg.method.get("mask") or {}
-    extra = {"experiment": cfg.get("experiment_name"), "protocol": datamodule.protocol,
-             "towers": list(cfg.method.towers), "lr": (cfg.method.get("optimizer") or {}).get("lr"),
-             "mask_selection": mask.get("selection"), "mask_score": mask.get("score"),
-             "mask_scope": mask.get("scope"), "mask_include": list(mask.get("include") or []),
-             "mask_exclude": list(mask.get("exclude") or []), **(extra or {})}
+    extra = dict(extra or {})
     if datamodule.protocol == "base2new":
         base, new = module.results["base"]["top1"], module.results["new"]["top1"]
         extra["hm"] = 2 * base * new / (base + new) if base + new else 0.0
-    return build_results(method=cfg.method.name, model=cfg.model.name, dataset=cfg.dataset.name,
-                         shots=cfg.shots, seed=cfg.seed, sparsity=cfg.sparsity,
-                         num_params=sum(p.numel() for p in module.model.parameters()),
+    return build_results(run_settings(cfg), num_params=sum(p.numel() for p in module.model.parameters()),
                          num_trainable=num_trainable, num_changed=changed, metrics=module.results,
                          id_name=datamodule.id_name, ood=datamodule.ood_names, extra=extra)
 
