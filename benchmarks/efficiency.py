@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 def child(args) -> dict:
     """Train one method for a few steps; report timings, memory and sizes as JSON."""
+    import hydra
     import pytorch_lightning as pl
     import torch
     from hydra import compose, initialize_config_dir
@@ -70,7 +71,7 @@ def child(args) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pl.seed_everything(1)
     datamodule, module = run.build(cfg)
-    mask_cb = hydra_instantiate(cfg.method.mask) if cfg.method.get("mask") else None
+    mask_cb = hydra.utils.instantiate(cfg.method.mask) if cfg.method.get("mask") else None
     trainer = run.make_trainer(cfg, [c for c in (mask_cb, Clock()) if c is not None])
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainer.fit(module, datamodule=datamodule)
@@ -104,11 +105,6 @@ def child(args) -> dict:
         result["frozen_tensors"] = sum(1 for p in module.model.parameters() if not p.requires_grad)
         result["tensors"] = sum(1 for _ in module.model.parameters())
     return result
-
-
-def hydra_instantiate(node):
-    import hydra
-    return hydra.utils.instantiate(node)
 
 
 def main():

@@ -8,11 +8,13 @@ import json
 import logging
 import math
 import random
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
@@ -40,10 +42,19 @@ class EvalSet:
     load: Callable
 
 
+def num_base(num_classes: int) -> int:
+    """CoOp's base-to-new split: the first ceil(n/2) sorted labels are base, the rest new."""
+    return math.ceil(num_classes / 2)
+
+
+def key_rng(key: str) -> np.random.Generator:
+    """A generator seeded by an item's key: procedural images render the same for every reader."""
+    return np.random.default_rng(zlib.crc32(key.encode()))
+
+
 def base_new_split(eval_set: EvalSet) -> List[EvalSet]:
-    """CoOp's base-to-new split: sorted labels, first ceil(n/2) = base, the rest = new, each relabelled
-    from 0 with its own head."""
-    m = math.ceil(len(eval_set.classnames) / 2)
+    """Base and new classes of a test set (:func:`num_base`), each relabelled from 0 with its own head."""
+    m = num_base(len(eval_set.classnames))
     base = [(k, l) for k, l in eval_set.items if l < m]
     new = [(k, l - m) for k, l in eval_set.items if l >= m]
     return [EvalSet("base", base, eval_set.classnames[:m], eval_set.templates, eval_set.load),
@@ -194,7 +205,7 @@ class FewShotDataModule(pl.LightningDataModule):
     def classnames(self) -> List[str]:
         """Training class names (the base half under ``base2new``)."""
         names = self.all_classnames()
-        return names[: math.ceil(len(names) / 2)] if self.protocol == "base2new" else names
+        return names[: num_base(len(names))] if self.protocol == "base2new" else names
 
     def eval_sets(self) -> List[EvalSet]:
         if self._eval_sets is None:

@@ -9,14 +9,13 @@ The fine-tuning (ID) style is ``painting``, the one the project's CLIP sees leas
 """
 import gzip
 import shutil
-import zlib
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from datamodules.base import EvalSet, FewShotDataModule
+from datamodules.base import EvalSet, FewShotDataModule, key_rng
 from saft.errors import ConfigError
 
 STYLES = ("photo", "sketch", "negative", "painting", "noisy")
@@ -80,10 +79,6 @@ def render(image: np.ndarray, style: str, rng: np.random.Generator) -> Image.Ima
     return out.convert("RGB")
 
 
-def style_rng(key: str) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(key.encode()))
-
-
 class FashionStylesDataModule(FewShotDataModule):
     """Few-shot training in ``id_style``; test sets: ``id_style`` first, then every other style.
 
@@ -131,4 +126,4 @@ class FashionStylesDataModule(FewShotDataModule):
     def load_image(self, key: str) -> Image.Image:
         split, style, index = key.split("/")
         images = self.arrays()[0 if split == "train" else 2]
-        return render(images[int(index)], style, style_rng(key))
+        return render(images[int(index)], style, key_rng(key))

@@ -5,13 +5,12 @@ in-distribution style is ``photo`` (a filled, coloured shape on a tinted backgro
 styles are ``sketch`` (black outline on white) and ``negative`` (the photo with inverted colours).
 """
 import math
-import zlib
 from typing import List
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from datamodules.base import EvalSet, FewShotDataModule
+from datamodules.base import EvalSet, FewShotDataModule, key_rng
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 STYLES = ("photo", "sketch", "negative")
@@ -82,5 +81,4 @@ class SyntheticDataModule(FewShotDataModule):
 
     def load_image(self, key: str) -> Image.Image:
         _, style, index = key.split("/")
-        rng = np.random.default_rng(zlib.crc32(key.encode()))
-        return render(SHAPES[int(index) % len(SHAPES)], style, rng, self.image_size)
+        return render(SHAPES[int(index) % len(SHAPES)], style, key_rng(key), self.image_size)

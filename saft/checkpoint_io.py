@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from saft.atomic import atomic_path
 from saft.errors import ConfigError
 
 
@@ -15,14 +16,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     through a temporary file in /tmp and a copy, which is not atomic across filesystems.)"""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=True):
         try:

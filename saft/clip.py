@@ -1,4 +1,5 @@
 """open_clip model loading (tags, local files, seeded random init) and text classifier heads."""
+import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from saft.errors import ConfigError
 
 # Architectures this project defines (e.g. the tiny test model) live beside the model configs.
+MAX_LOGIT_SCALE = math.log(100)  # CLIP caps exp(logit_scale) at 100
 ARCH_DIR = Path(__file__).resolve().parent.parent / "conf" / "model" / "open_clip"
 open_clip.add_model_config(ARCH_DIR)
 

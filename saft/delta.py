@@ -1,13 +1,12 @@
 """The fine-tuned model as a sparse difference from its base: compute, save, load, apply, checksum."""
 import hashlib
-import os
-from pathlib import Path
 from typing import Dict, Mapping, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from saft.atomic import atomic_path
 from saft.errors import ConfigError
 
 Delta = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # name -> (flat int64 indices, final values)
@@ -49,18 +48,15 @@ def save_delta(path, delta: Delta, metadata: Mapping[str, str]) -> None:
     tensors = {}
     for name, (idx, val) in delta.items():
         tensors[f"{name}.idx"], tensors[f"{name}.val"] = idx.contiguous(), val.contiguous()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
 def load_delta(path) -> Tuple[Delta, Dict[str, str]]:
     """Read a delta without executing any code (safetensors); one clear error if unreadable."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"cannot read delta file {path}: {e}. It is missing, truncated or not a "
                           f"safetensors file; re-run training or copy the file again") from None

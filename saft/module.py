@@ -1,5 +1,4 @@
 """The LightningModule: an open_clip model classifying images with a text head, and its evaluation."""
-import math
 from typing import Callable, Dict, Optional, Sequence
 
 import open_clip
@@ -10,11 +9,11 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from saft.clip import text_head, tokenize_prompts
+from saft.clip import MAX_LOGIT_SCALE, text_head, tokenize_prompts
 from saft.errors import ConfigError
 from saft.mask import tower_of
+from saft.optim import warmup_cosine
 
-MAX_LOGIT_SCALE = math.log(100)
 
 
 class CLIPClassifier(pl.LightningModule):
@@ -24,7 +23,7 @@ class CLIPClassifier(pl.LightningModule):
     The training head is re-encoded from the class prompts on every step while any text-tower parameter
     trains, so gradients reach the text tower (cost: one text forward and backward over
     n_classes x len(datamodule.train_templates()) prompts per step); when the text tower is frozen it is encoded once.
-    Evaluation heads use every template of the eval set and are cached until the weights change.
+    Evaluation heads use every template of the eval set and are cached until the text tower changes.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Callable, optimizer: Optional[Callable] = None,
@@ -35,6 +34,7 @@ class CLIPClassifier(pl.LightningModule):
         # Decided here, before any DDP wrap: DDP fixes the set of parameters that need gradients.
         for name, p in self.model.named_parameters():
             p.requires_grad_(optimizer is not None and tower_of(name) in towers)
+        self._text_params = [p for name, p in self.model.named_parameters() if tower_of(name) == "text"]
         self.results: Dict[str, Dict[str, float]] = {}
         self._heads: Dict[str, torch.Tensor] = {}
         self._frozen_train_head: Optional[torch.Tensor] = None
@@ -56,7 +56,7 @@ class CLIPClassifier(pl.LightningModule):
     @property
     def text_trains(self) -> bool:
         # Asked each step: a SAFT mask without text entries freezes the whole text tower at fit start.
-        return any(p.requires_grad for n, p in self.model.named_parameters() if tower_of(n) == "text")
+        return any(p.requires_grad for p in self._text_params)
 
     def train_head(self) -> torch.Tensor:
         if self.text_trains:
@@ -75,7 +75,8 @@ class CLIPClassifier(pl.LightningModule):
         return self._heads[s.name]
 
     def on_train_batch_end(self, *args) -> None:
-        self._heads.clear()  # weights changed
+        if self.text_trains:
+            self._heads.clear()  # the class embeddings changed
 
     # --- forward and loss --------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
@@ -147,8 +148,5 @@ class CLIPClassifier(pl.LightningModule):
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(self.warmup_fraction * total))
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
-        scheduler = cosine if warmup == 0 else torch.optim.lr_scheduler.SequentialLR(
-            optimizer, [torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (warmup + 1), total_iters=warmup),
-                        cosine], milestones=[warmup])
+        scheduler = warmup_cosine(optimizer, total, warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -69,3 +69,12 @@ class MaskedAdamW(torch.optim.Optimizer):
                 value.addcdiv_(exp_avg, denom, value=-step_size)
                 flat[idx] = value
         return loss
+
+
+def warmup_cosine(optimizer, total: int, warmup: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at step ``total``."""
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    warm = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (warmup + 1), total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup])

@@ -8,7 +8,6 @@ The result is an ordinary open_clip checkpoint file, loaded through ``model.pret
 import hashlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Dict, Mapping
@@ -20,15 +19,20 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.fmnist_styles import CLASSNAMES, STYLES, caption, load_fashion_mnist, render, style_rng
-from saft.clip import load_clip
+from datamodules.base import key_rng
+from datamodules.fmnist_styles import CLASSNAMES, STYLES, caption, load_fashion_mnist, render
+from saft.atomic import atomic_path
+from saft.clip import MAX_LOGIT_SCALE, load_clip
 from saft.errors import ConfigError
+from saft.optim import warmup_cosine
 
 log = logging.getLogger(__name__)
-MAX_LOGIT_SCALE = math.log(100)
 
 
 def cache_path(name: str, spec: Mapping) -> Path:
+    """The cached checkpoint of ``name`` pretrained with ``spec``: named by a hash of the settings that change
+    the weights (where the data comes from does not)."""
+    spec = {k: v for k, v in spec.items() if k not in ("data_dir", "download")}
     digest = hashlib.sha256(json.dumps({"arch": name, **spec}, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SAFT_CACHE_DIR", Path.home() / ".cache" / "saft"))
     return root / f"{name}-{digest}.pt"
@@ -47,7 +51,7 @@ class StyledCaptions(Dataset):
         return self.length
 
     def __getitem__(self, i):
-        rng = style_rng(f"pretrain/{self.seed}/{i}")
+        rng = key_rng(f"pretrain/{self.seed}/{i}")
         style = int(np.searchsorted(self.cumulative, rng.random(), side="right").clip(0, len(STYLES) - 1))
         n = i % len(self.images)
         image = render(self.images[n], STYLES[style], rng)
@@ -82,9 +86,7 @@ class ContrastivePretraining(pl.LightningModule):
         # no new word vectors, and skipping it halves the optimizer's work on a CPU.
         params = [p for n, p in self.model.named_parameters() if n != "token_embedding.weight"]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.1)
-        warm = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (self.warmup + 1), total_iters=self.warmup)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.steps - self.warmup))
-        schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[self.warmup])
+        schedule = warmup_cosine(optimizer, self.steps, self.warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -103,9 +105,8 @@ def pretrain(name: str, out: Path, data_dir: str, steps: int, batch_size: int, l
                          enable_model_summary=False, enable_progress_bar=True, gradient_clip_val=1.0)
     trainer.fit(module, DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save({"state_dict": model.state_dict()}, tmp)
     return out
 
 
@@ -119,7 +120,7 @@ def resolve_pretrained(model_cfg: Mapping) -> Dict:
         if not spec:
             raise ConfigError("model.pretrained=auto needs a model.pretrain block (see conf/model/fmnist_clip.yaml)")
         spec = dict(spec)
-        path = cache_path(args["name"], {k: v for k, v in spec.items() if k not in ("data_dir", "download")})
+        path = cache_path(args["name"], spec)
         if not path.is_file():
             pretrain(args["name"], path, **spec)
         args["pretrained"] = str(path)
@@ -132,7 +133,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["model=fmnist_clip"])
     spec = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
-    path = cache_path(cfg.model.name, {k: v for k, v in spec.items() if k not in ("data_dir", "download")})
+    path = cache_path(cfg.model.name, spec)
     pretrain(cfg.model.name, path, **spec)
     print(path)
 

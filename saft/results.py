@@ -1,9 +1,9 @@
 """The ``results.json`` of a run: one schema for training and evaluation, written atomically."""
 import json
-import os
-from pathlib import Path
 from statistics import mean
 from typing import Dict, List, Mapping, Optional
+
+from saft.atomic import atomic_path
 
 RESULTS = "results.json"
 ERROR = "error.txt"  # what a failed job writes instead
@@ -37,7 +37,5 @@ def build_results(settings: Mapping, *, num_params: int, num_trainable: int, num
 
 def write_json(path, data) -> None:
     """Write to a temporary name, then rename: a kill never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

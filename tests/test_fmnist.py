@@ -7,6 +7,7 @@ import torch
 
 from conftest import compose_cfg, read_results, run_script
 from datamodules import fmnist_styles as fm
+from datamodules.base import key_rng
 from saft import pretrain as P
 from saft.clip import load_clip
 from saft.errors import ConfigError
@@ -24,16 +25,16 @@ def arrays(tmp_path_factory):
 
 def test_styles_render_deterministically_and_as_documented(arrays):
     images = arrays[0]
-    photo = np.asarray(fm.render(images[0], "photo", fm.style_rng("a")))
+    photo = np.asarray(fm.render(images[0], "photo", key_rng("a")))
     assert photo.shape == (32, 32, 3) and np.array_equal(photo[2:30, 2:30, 0], images[0])
-    assert np.array_equal(np.asarray(fm.render(images[0], "negative", fm.style_rng("a"))), 255 - photo)
+    assert np.array_equal(np.asarray(fm.render(images[0], "negative", key_rng("a"))), 255 - photo)
     for style in fm.STYLES:
-        a = np.asarray(fm.render(images[1], style, fm.style_rng(f"k/{style}")))
-        b = np.asarray(fm.render(images[1], style, fm.style_rng(f"k/{style}")))
+        a = np.asarray(fm.render(images[1], style, key_rng(f"k/{style}")))
+        b = np.asarray(fm.render(images[1], style, key_rng(f"k/{style}")))
         assert np.array_equal(a, b), style
-    painting = [np.asarray(fm.render(images[1], "painting", fm.style_rng(k))) for k in ("x", "y")]
+    painting = [np.asarray(fm.render(images[1], "painting", key_rng(k))) for k in ("x", "y")]
     assert not np.array_equal(*painting)  # the palette is drawn per image
-    sketch = np.asarray(fm.render(images[1], "sketch", fm.style_rng("s")))
+    sketch = np.asarray(fm.render(images[1], "sketch", key_rng("s")))
     assert np.median(sketch) > 200  # dark lines on white
 
 
