@@ -2,7 +2,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from saft.run import evaluate, reports_user_errors
+from saft.app.run import evaluate, reports_user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -2,7 +2,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from saft.run import reports_user_errors, train
+from saft.app.run import reports_user_errors, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -30,7 +30,7 @@ def child(args) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from saft import run
+    from saft.app import run
     from saft.callback import SparseMaskCallback
 
     torch.set_num_threads(args.threads)

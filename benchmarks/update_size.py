@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from saft.delta import load_delta  # noqa: E402
-from saft.report import _id_ood, _label, _varying, changes_from_zeroshot, collect, settings_key  # noqa: E402
-from saft.run import DELTA  # noqa: E402
+from saft.report.tables import _id_ood, _label, _varying, changes_from_zeroshot, collect, settings_key  # noqa: E402
+from saft.app.run import DELTA  # noqa: E402
 
 EMBEDDINGS = ("visual.conv1.", "visual.positional_embedding", "visual.class_embedding")
 

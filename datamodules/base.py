@@ -22,7 +22,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from saft.errors import ConfigError
-from saft.results import write_json
+from saft.app.results import write_json
 
 log = logging.getLogger(__name__)
 Item = Tuple[Any, int]  # (a JSON-able key such as a relative path, label)

@@ -1,7 +1,1 @@
-"""SAFT: sparse adaptation for fine-tuning CLIP (Hydra + PyTorch Lightning)."""
-import math
-
-from omegaconf import OmegaConf
-
-# ${mul:a,b}: configs scale a method's base learning rate by the sweepable ``lr_scale``.
-OmegaConf.register_new_resolver("mul", lambda *values: math.prod(values), replace=True)
+"""SAFT: sparse adaptation for fine-tuning (placeholder until the library API lands)."""

@@ -12,6 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+import saft.app  # noqa: F401  (registers the ${mul:} resolver the configs use)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
 

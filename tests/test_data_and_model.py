@@ -6,9 +6,9 @@ import torch
 
 from datamodules.base import EpochSeededSampler, few_shot
 from datamodules.synthetic import SHAPES, STYLES, SyntheticDataModule, render
-from saft.clip import load_clip, text_head, tokenize_prompts
+from saft.app.clip import load_clip, text_head, tokenize_prompts
 from saft.errors import ConfigError
-from saft.module import CLIPClassifier
+from saft.app.module import CLIPClassifier
 
 
 def test_images_are_a_function_of_their_key():

@@ -7,7 +7,7 @@ from conftest import compose_cfg, read_results, run_script
 from datamodules.coop import CoOpDataModule
 from datamodules.imagenet import ImageNetDataModule, WNIDS
 from layouts import COOP_CLASSES, COOP_FOLDERS, IMAGENET, make_all, make_coop, make_imagenet
-from saft import run
+from saft.app import run
 from saft.errors import ConfigError
 
 VARIANT_DIRS = {"imagenet_v2": "imagenetv2", "imagenet_sketch": "imagenet-sketch",

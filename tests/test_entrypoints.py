@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg, read_results, run_script
-from saft import run
+from saft.app import run
 from saft.callback import SparseMaskCallback
 from saft.mask import select_topk
 
@@ -41,7 +41,7 @@ def test_training_run_writes_results_delta_checkpoints_and_split(trained):
     # base + delta == the trained model, and the delta only touches the mask
     tensors = load_file(str(trained / "delta.safetensors"))
     final, masks = ckpt_params(ckpt), ckpt_masks(ckpt)
-    from saft.clip import load_clip
+    from saft.app.clip import load_clip
     base = {n: p.detach().clone() for n, p in load_clip("saft-tiny", None, 0)[0].named_parameters()}
     names = {k.rsplit(".", 1)[0] for k in tensors}
     assert set(tensors) == {f"{n}.{s}" for n in names for s in ("idx", "val")}
@@ -114,7 +114,7 @@ def test_ddp_on_two_cpu_processes_keeps_masks_identical_and_frozen(tmp_path):
     ddp_masks = ckpt_masks(ckpt)
     same = sum(torch.isin(ddp_masks[n], single[n]).sum().item() for n in ddp_masks if n in single)
     assert same >= 0.99 * results["num_trainable"]
-    from saft.clip import load_clip
+    from saft.app.clip import load_clip
     base = {n: p.detach() for n, p in load_clip("saft-tiny", None, 0)[0].named_parameters()}
     changed, masks = changed_entries(base, ckpt_params(ckpt)), ckpt_masks(ckpt)
     assert 0 < sum(i.numel() for i in changed.values()) <= results["num_trainable"]

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import compose_cfg, read_results, run_script
 from layouts import make_all
-from saft import run
-from saft.report import main as report_main
+from saft.app import run
+from saft.report.tables import main as report_main
 
 EXPERIMENTS = ["imagenet_dg", "imagenet_shots", "base2new", "cross_dataset", "ablation_sparsity", "ablation_mask",
                "ablation_score", "ablation_scope", "ablation_towers"]
@@ -113,7 +113,7 @@ def _run(method, seed, id_top1, ood_top1, lr, zeroshot=(20.0, 80.0)):
 
 
 def test_interpolate_reads_the_polyline_and_never_extrapolates():
-    from saft.report import interpolate
+    from saft.report.tables import interpolate
     assert interpolate([(2.0, 10.0), (0.0, 0.0), (4.0, 0.0)], 1.0) == 5.0
     assert interpolate([(0.0, 0.0), (2.0, 10.0)], 2.5) is None and interpolate([(0.0, 0.0), (2.0, 10.0)], -1) is None
     assert interpolate([(20.0, 80.0), (20.0, 78.0), (30.0, 70.0)], 20.0) == 79.0  # equal x: their mean y
@@ -121,7 +121,7 @@ def test_interpolate_reads_the_polyline_and_never_extrapolates():
 
 
 def test_matched_id_reads_full_ft_off_its_own_seed_and_never_extrapolates():
-    from saft.report import Runs, matched_id_table
+    from saft.report.tables import Runs, matched_id_table
     runs = [_run("full_ft", 1, 30.0, 70.0, 1e-5), _run("full_ft", 1, 40.0, 50.0, 3e-5),
             _run("full_ft", 2, 24.0, 78.0, 1e-5), _run("full_ft", 2, 28.0, 72.0, 3e-5),
             _run("saft", 1, 25.0, 79.0, 1e-3), _run("saft", 2, 26.0, 75.0, 1e-3),   # inside FT's range
@@ -136,7 +136,7 @@ def test_matched_id_reads_full_ft_off_its_own_seed_and_never_extrapolates():
 
 
 def test_tradeoff_curves_follow_each_configuration_through_its_learning_rates():
-    from saft.report import tradeoff_curves
+    from saft.report.tables import tradeoff_curves
     dense = [{**_run("saft", seed, 30.0 + seed, 70.0, lr), "sparsity": 0.01} for seed in (1, 2) for lr in (1e-3, 1e-2)]
     runs = [{**_run("full_ft", seed, 20.0 + lr * 1e5, 75.0, lr), "sparsity": sparsity}  # sparsity moot for FT
             for seed in (1, 2) for lr in (3e-6, 1e-5) for sparsity in (0.001, 0.01)]

@@ -8,10 +8,10 @@ import torch
 from conftest import compose_cfg, read_results, run_script
 from datamodules import fmnist_styles as fm
 from datamodules.base import key_rng
-from saft import pretrain as P
-from saft.clip import load_clip
+from saft.app import pretrain as P
+from saft.app.clip import load_clip
 from saft.errors import ConfigError
-from saft.report import main as report_main
+from saft.report.tables import main as report_main
 
 WEIGHTS = {"photo": 0.3, "sketch": 0.3, "negative": 0.3, "noisy": 0.05, "painting": 0.05}
 
@@ -106,7 +106,7 @@ def test_zero_shot_beats_chance_after_pretraining(pretrained, tmp_path):
     path, _, _ = pretrained
     cfg = compose_cfg(tmp_path, ["model=tiny", f"model.pretrained={path}", "method=zeroshot",
                                  "dataset.datamodule.test_size=200", f"data_dir={tmp_path}"])
-    from saft import run
+    from saft.app import run
     cfg.dataset.datamodule.data_dir = str(tmp_path)
     results = run.train(cfg)
     chance = 100 / len(fm.CLASSNAMES)

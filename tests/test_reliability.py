@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, checkpoint, ckpt_params, read_results, run_script
 from layouts import make_coop
-from saft.checkpoint_io import AtomicCheckpointIO
+from saft.app.checkpoint_io import AtomicCheckpointIO
 
 ARGS = ["model=tiny", "dataset=synthetic", "shots=4", "batch_size=8", "dataset.datamodule.test_per_class=5", "trainer.max_steps=60", "trainer.enable_progress_bar=false",
         "checkpoint.every_n_train_steps=1", "sparsity=0.01", "method.optimizer.lr=0.01"]

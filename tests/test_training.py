@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import FAST, changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg, read_results
-from saft import run
+from saft.app import run
 from saft.callback import SparseMaskCallback
 from saft.errors import ConfigError
 from saft.mask import select_topk

@@ -3,7 +3,7 @@
 The result is an ordinary open_clip checkpoint file, loaded through ``model.pretrained`` like any other.
 ``model.pretrained=auto`` with a ``model.pretrain`` block names the file after a hash of that block in
 ``$SAFT_CACHE_DIR`` (default ``~/.cache/saft``) and builds it there when it is missing. Rebuild with
-``python -m saft.pretrain`` (or delete the file).
+``python -m saft.app.pretrain`` (or delete the file).
 """
 import hashlib
 import json
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.base import key_rng
 from datamodules.fmnist_styles import CLASSNAMES, STYLES, caption, load_fashion_mnist, render
 from saft.atomic import atomic_path
-from saft.clip import MAX_LOGIT_SCALE, load_clip
+from saft.app.clip import MAX_LOGIT_SCALE, load_clip
 from saft.errors import ConfigError
 from saft.optim import warmup_cosine
 

@@ -18,14 +18,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from saft.clip import load_clip
+from saft.app.clip import load_clip
 from saft.delta import (apply_delta, compute_delta, load_delta, num_changed, save_delta,
                         state_checksum)
+from saft.app.module import CLIPClassifier
+from saft.app.pretrain import resolve_pretrained
+from saft.app.results import ERROR, RESULTS, build_results, run_settings, write_json
+from saft.app.validate import output_dir, validate
 from saft.errors import ConfigError
-from saft.guards import check_multirun_strategy
-from saft.module import CLIPClassifier
-from saft.pretrain import resolve_pretrained
-from saft.results import ERROR, RESULTS, build_results, run_settings, write_json
 
 log = logging.getLogger(__name__)
 DELTA = "delta.safetensors"
@@ -47,32 +47,6 @@ def reports_user_errors(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return wrapper
-
-
-def validate(cfg: DictConfig) -> None:
-    """Cheap checks of user input, before any data or model is touched."""
-    if isinstance(cfg.shots, bool) or not isinstance(cfg.shots, int) or cfg.shots < 1:
-        raise ConfigError(f"shots={cfg.shots!r} must be a positive integer (examples per class), e.g. shots=16")
-    if isinstance(cfg.sparsity, bool) or not isinstance(cfg.sparsity, (int, float)) or not 0 < cfg.sparsity <= 1:
-        raise ConfigError(f"sparsity={cfg.sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
-    out = output_dir()
-    if (out / RESULTS).exists():
-        raise ConfigError(f"{out} already holds finished results ({RESULTS}); choose another hydra.run.dir "
-                          f"so they are not overwritten")
-    ckpt = cfg.get("ckpt_path")
-    if ckpt and ckpt != "last" and not Path(ckpt).is_file():
-        raise ConfigError(f"ckpt_path={ckpt} is not a file; give a checkpoint of this run "
-                          f"(<run>/checkpoints/last.ckpt) or ckpt_path=last to resume in the same hydra.run.dir")
-    precision = str(cfg.trainer.get("precision", "32-true"))
-    if cfg.method.get("mask") and precision.endswith("-true") and precision != "32-true":
-        raise ConfigError(f"trainer.precision={precision} stores the weights in low precision, which changes "
-                          f"every entry; masked methods need fp32 weights: use bf16-mixed or 16-mixed")
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        check_multirun_strategy(cfg)
-
-
-def output_dir() -> Path:
-    return Path(HydraConfig.get().runtime.output_dir)
 
 
 def build_datamodule(cfg: DictConfig):
@@ -161,7 +135,7 @@ def train(cfg: DictConfig) -> dict:
         results = write_artifacts(cfg, module, datamodule, mask_callback, before)
         print(comparison_table(results))
     if results and mask_callback is not None and isinstance(trainer.logger, pl.loggers.WandbLogger):
-        from saft.plots import plot_mask_blocks
+        from saft.report.plots import plot_mask_blocks
         plot_mask_blocks([results], output_dir() / "mask_blocks.png")
         trainer.logger.log_image(key="mask_blocks", images=[str(output_dir() / "mask_blocks.png")])
     finish(trainer)

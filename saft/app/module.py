@@ -9,7 +9,7 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from saft.clip import MAX_LOGIT_SCALE, text_head, tokenize_prompts
+from saft.app.clip import MAX_LOGIT_SCALE, text_head, tokenize_prompts
 from saft.errors import ConfigError
 from saft.mask import tower_of
 from saft.optim import warmup_cosine

@@ -11,7 +11,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from saft.errors import ConfigError
-from saft.results import RESULTS
+from saft.app.results import RESULTS
 
 
 def check_multirun_strategy(cfg) -> None:
