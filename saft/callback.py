@@ -1,6 +1,12 @@
-"""Lightning plumbing of SAFT: select the mask at ``on_fit_start``, mask gradients after every backward.
+"""SAFT for any LightningModule: select the mask at ``on_fit_start``, keep only its gradients after every
+backward, and let :class:`saft.optim.MaskedAdamW` write only its entries.
 
-The math lives in ``saft.mask``; the optimizer that never writes an unselected entry in ``saft.optim``.
+What it needs from the LightningModule:
+- ``per_example_loss(batch)``: one loss per example (a 1-D tensor), for gradient masks;
+- scoring data: ``mask_dataloader(rank, world_size)`` on the datamodule or the module (this rank's share of
+  the training set, fixed order) or else the datamodule's / module's ``train_dataloader()``;
+- every optimizer a :class:`MaskedAdamW` (other optimizers would write unselected entries).
+The math is in ``saft.select`` and ``saft.mask``.
 """
 import logging
 from typing import Dict, Optional, Sequence
@@ -10,11 +16,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from saft.errors import ConfigError
 from saft.delta import state_checksum
-from saft.mask import (SCOPES, SCORES, Mask, accumulate_scores, finalize_scores, flatten_mask,
-                       is_eligible, mask_stats, num_selected, random_scores, select_topk, unflatten_mask)
+from saft.errors import ConfigError
+from saft.mask import (SCOPES, SCORES, Mask, flatten_mask, mask_stats, num_selected, random_scores, select_topk,
+                       unflatten_mask)
 from saft.optim import MaskedAdamW
+from saft.select import eligible_parameters, select_mask
 
 log = logging.getLogger(__name__)
 SELECTIONS = ("gradient", "random")
@@ -31,11 +38,13 @@ class SparseMaskCallback(pl.Callback):
     ``selection=random`` draws them uniformly with ``seed`` (the random-mask ablation). Eligible
     entries: parameters of the trained towers matching ``include`` (if given) and no ``exclude`` regex.
     The mask is part of the callback state, so a resumed run restores it instead of recomputing it.
+    ``model_attr`` names the LightningModule's attribute that holds the network to sparsify (``None``: the
+    LightningModule itself); mask names are relative to it.
     """
 
     def __init__(self, sparsity: float = 0.001, selection: str = "gradient", score: str = "abs_sum",
                  scope: str = "global", include: Sequence[str] = (), exclude: Sequence[str] = (),
-                 seed: int = 0):
+                 seed: int = 0, model_attr: Optional[str] = None):
         for value, allowed, key in ((selection, SELECTIONS, "selection"), (score, SCORES, "score"),
                                     (scope, SCOPES, "scope")):
             if value not in allowed:
@@ -43,7 +52,7 @@ class SparseMaskCallback(pl.Callback):
         if not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
             raise ConfigError(f"sparsity={sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
         self.sparsity, self.selection, self.score, self.scope = float(sparsity), selection, score, scope
-        self.include, self.exclude, self.seed = list(include), list(exclude), seed
+        self.include, self.exclude, self.seed, self.model_attr = list(include), list(exclude), seed, model_attr
         self.masks: Optional[Mask] = None
         self.stats: Dict[str, int] = {}
 
@@ -53,23 +62,22 @@ class SparseMaskCallback(pl.Callback):
                     include=self.include, exclude=self.exclude, seed=self.seed)
 
     # --- mask selection ----------------------------------------------------------------------------
+    def network(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        return getattr(pl_module, self.model_attr) if self.model_attr else pl_module
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainable = {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
-        eligible = {n: p for n, p in trainable.items() if is_eligible(n, self.include, self.exclude)}
+        network = self.network(pl_module)
+        trainable = {n: p for n, p in network.named_parameters() if p.requires_grad}
+        eligible = eligible_parameters(network, self.include, self.exclude)
         if not eligible:
             raise ConfigError("no parameter is eligible for the mask: check method.towers and "
                               "method.mask.include / exclude")
         sizes = {n: p.numel() for n, p in eligible.items()}
         k = num_selected(self.sparsity, sum(sizes.values()))
-        if k < 1:
-            raise ConfigError(f"sparsity={self.sparsity} selects round({self.sparsity} x {sum(sizes.values())}) = 0 "
-                              f"entries; use sparsity >= {0.5 / sum(sizes.values()):.2g}")
         if self.masks is None:
             self.masks = self._select(trainer, pl_module, eligible, k)
-        elif set(self.masks) - set(eligible) or sum(i.numel() for i in self.masks.values()) != k:
-            raise ConfigError("the mask restored from the checkpoint does not fit this model and config "
-                              "(different towers, patterns or sparsity?); resume with the run's own config")
-        self.stats = mask_stats(self.masks, sizes, k)
+        self._check(self.masks, sizes, k)
+        self.stats = mask_stats(self.masks, sizes)
         # Per-rank fingerprint in each rank's log: masks must be identical on every rank.
         log.info("rank %d: mask of %d entries, sha256 %s", trainer.global_rank, k, state_checksum(self.masks))
         for optimizer in trainer.optimizers:
@@ -81,6 +89,16 @@ class SparseMaskCallback(pl.Callback):
         self._freeze_unselected(trainer, pl_module, trainable)
         if trainer.logger is not None:
             trainer.logger.log_metrics({k_: float(v) for k_, v in self.stats.items()}, step=0)
+
+    @staticmethod
+    def _check(masks: Mask, sizes: Dict[str, int], k: int) -> None:
+        """Fresh or restored, a mask must hold exactly k distinct, in-range entries of eligible tensors."""
+        if set(masks) - set(sizes) or sum(int(i.numel()) for i in masks.values()) != k or any(
+                i.numel() and (int(i.min()) < 0 or int(i.max()) >= sizes[n] or not bool((i[1:] > i[:-1]).all()))
+                for n, i in masks.items()):
+            raise ConfigError(f"the mask does not fit this model and config (it must hold k={k} sorted, distinct "
+                              f"entries of eligible tensors; other towers, patterns or sparsity?); resume with the "
+                              f"run's own config")
 
     def _freeze_unselected(self, trainer, pl_module, trainable) -> None:
         """Tensors without a selected entry stop requiring gradients, so autograd computes no weight
@@ -97,42 +115,30 @@ class SparseMaskCallback(pl.Callback):
             raise ConfigError(f"masked methods support the ddp strategies; got {type(strategy).__name__}")
 
     def _select(self, trainer, pl_module, eligible, k) -> Mask:
-        sizes = {n: p.numel() for n, p in eligible.items()}
         if self.selection == "random":
-            scores = random_scores({n: p.shape for n, p in eligible.items()}, self.seed)
+            mask = select_topk(random_scores({n: p.shape for n, p in eligible.items()}, self.seed), k, self.scope)
         else:
-            loader = trainer.datamodule.mask_dataloader(trainer.global_rank, trainer.world_size)
-            scores = self.gradient_scores(loader, pl_module, eligible, trainer.strategy.batch_to_device)
-        flat = flatten_mask(select_topk(scores, k, self.scope), sizes).to(pl_module.device)
+            to_device = trainer.strategy.batch_to_device
+            mask = select_mask(self.network(pl_module), self.scoring_batches(trainer, pl_module),
+                               lambda _, batch: pl_module.per_example_loss(to_device(batch)), self.sparsity,
+                               self.score, self.scope, self.include, self.exclude,
+                               all_reduce=dist.all_reduce if _distributed() else None)
+        sizes = {n: p.numel() for n, p in eligible.items()}
+        flat = flatten_mask(mask, sizes).to(pl_module.device)
         if _distributed():
             # Every rank computed the same selection; rank 0's copy is sent so they cannot differ.
             dist.broadcast(flat, src=0)
         return unflatten_mask(flat.cpu(), sizes)
 
-    def gradient_scores(self, loader, pl_module, eligible, to_device=lambda batch: batch):
-        """Scores of one pass over ``loader`` (this rank's share of the whole training set, evaluation
-        transforms), in fp32, summed over ranks."""
-        was_training = pl_module.training
-        pl_module.eval()
-        pl_module.zero_grad(set_to_none=True)
-        # For abs_sum, autograd's own accumulation into .grad is the running sum: no second buffer.
-        scores = {} if self.score == "abs_sum" else {n: torch.zeros_like(p, dtype=torch.float32)
-                                                      for n, p in eligible.items()}
-        for batch in loader:
-            pl_module.loss(to_device(batch), reduction="sum").backward()
-            if self.score != "abs_sum":
-                accumulate_scores(scores, {n: p.grad for n, p in eligible.items() if p.grad is not None},
-                                  self.score)
-                pl_module.zero_grad(set_to_none=True)
-        if self.score == "abs_sum":
-            scores = {n: p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-                      for n, p in eligible.items()}
-        pl_module.zero_grad(set_to_none=True)
-        pl_module.train(was_training)
-        if _distributed():
-            for s in scores.values():
-                dist.all_reduce(s, op=dist.ReduceOp.SUM)
-        return finalize_scores(scores, self.score)
+    @staticmethod
+    def scoring_batches(trainer: pl.Trainer, pl_module: pl.LightningModule):
+        """This rank's share of the training set: ``mask_dataloader(rank, world_size)`` where defined; else the
+        whole training loader on every rank (the sums then count each example world_size times, which
+        scales every score alike and leaves the top-k unchanged)."""
+        for owner in (trainer.datamodule, pl_module):
+            if owner is not None and hasattr(owner, "mask_dataloader"):
+                return owner.mask_dataloader(trainer.global_rank, trainer.world_size)
+        return (trainer.datamodule or pl_module).train_dataloader()
 
     # --- training ----------------------------------------------------------------------------------
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,6 +1,11 @@
-"""The fine-tuned model as a sparse difference from its base: compute, save, load, apply, checksum."""
+"""The fine-tuned model as a sparse difference from its base: compute, save, load, apply, checksum.
+
+Works on any state mapping ``{name: tensor}``: pass ``model.state_dict()`` to include buffers (BatchNorm
+statistics change in train mode even where no weight trains), so base + delta is the fine-tuned model bit for
+bit. A saved delta records the sha256 of its base; :func:`apply_delta` checks it when given.
+"""
 import hashlib
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,7 +24,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def compute_delta(base: Mapping[str, torch.Tensor], final: Mapping[str, torch.Tensor]) -> Delta:
-    """Entries of ``final`` whose bits differ from ``base``, per parameter that has any."""
+    """Entries of ``final`` whose bits differ from ``base``, per tensor that has any."""
+    if set(base) != set(final) or any(base[n].shape != final[n].shape for n in base):
+        raise ValueError("base and final states have different tensor names or shapes")
     delta = {}
     for name, b in base.items():
         f = final[name].detach().cpu()
@@ -43,36 +50,61 @@ def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_delta(path, delta: Delta, metadata: Mapping[str, str]) -> None:
-    """``<name>.idx`` / ``<name>.val`` tensors plus string metadata, written atomically."""
+def save_delta(path, delta: Delta, metadata: Optional[Mapping[str, str]] = None,
+               base: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """``<name>.idx`` / ``<name>.val`` tensors plus string metadata (with ``base_sha256`` when ``base`` is
+    given), written atomically."""
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    if base is not None:
+        metadata["base_sha256"] = state_checksum(base)
     tensors = {}
     for name, (idx, val) in delta.items():
         tensors[f"{name}.idx"], tensors[f"{name}.val"] = idx.contiguous(), val.contiguous()
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_delta(path) -> Tuple[Delta, Dict[str, str]]:
-    """Read a delta without executing any code (safetensors); one clear error if unreadable."""
+    """Read a delta without executing any code (safetensors); one clear error if unreadable or malformed."""
+    def broken(why: str) -> ConfigError:
+        return ConfigError(f"cannot read delta file {path}: {why}. It is missing, truncated, corrupt or not a "
+                           f"delta written by saft; re-run training or copy the file again")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ConfigError(f"cannot read delta file {path}: {e}. It is missing, truncated or not a "
-                          f"safetensors file; re-run training or copy the file again") from None
+        raise broken(str(e)) from None
     names = {k.rsplit(".", 1)[0] for k in tensors}
-    return {n: (tensors[f"{n}.idx"], tensors[f"{n}.val"]) for n in names}, metadata
+    delta = {}
+    for n in sorted(names):
+        idx, val = tensors.get(f"{n}.idx"), tensors.get(f"{n}.val")
+        if idx is None or val is None:
+            raise broken(f"{n!r} lacks its .idx or .val tensor")
+        if idx.dtype != torch.int64 or idx.ndim != 1 or val.ndim != 1 or idx.numel() != val.numel():
+            raise broken(f"{n!r} needs 1-D int64 indices and as many values")
+        if idx.numel() and (int(idx.min()) < 0 or not bool((idx[1:] > idx[:-1]).all())):
+            raise broken(f"the indices of {n!r} are negative or not sorted and distinct")
+        delta[n] = (idx, val)
+    return delta, metadata
 
 
-def apply_delta(model: torch.nn.Module, delta: Delta) -> None:
-    """Write the delta's values into ``model`` in place; names and index ranges are checked first."""
-    params = dict(model.named_parameters())
+def apply_delta(model: torch.nn.Module, delta: Delta, base_sha256: Optional[str] = None) -> None:
+    """Write the delta's values into ``model``'s parameters and buffers in place. Names, index ranges,
+    dtypes and (when ``base_sha256`` is given, e.g. from the delta's metadata) the base checksum are checked
+    before anything is written."""
+    tensors = dict(model.state_dict(keep_vars=True))
+    if base_sha256 is not None and state_checksum(tensors) != base_sha256:
+        raise ConfigError("the delta was made for another base model (its base_sha256 differs from this "
+                          "model's); apply it to the weights it was trained from")
     for name, (idx, val) in delta.items():
-        if name not in params:
-            raise ConfigError(f"the delta changes parameter {name!r}, which this model does not have: "
-                              f"it was made for another base model")
-        if idx.numel() and int(idx.max()) >= params[name].numel():
-            raise ConfigError(f"the delta indexes past the end of {name!r}: it was made for another base model")
+        if name not in tensors:
+            raise ConfigError(f"the delta changes {name!r}, which this model does not have: it was made for "
+                              f"another base model")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= tensors[name].numel()):
+            raise ConfigError(f"the delta indexes outside {name!r}: it was made for another base model")
+        if val.dtype != tensors[name].dtype:
+            raise ConfigError(f"the delta holds {val.dtype} values for {name!r}, which is {tensors[name].dtype}")
     with torch.no_grad():
         for name, (idx, val) in delta.items():
-            params[name].view(-1)[idx.to(params[name].device)] = val.to(params[name])
+            t = tensors[name]
+            t.view(-1)[idx.to(t.device)] = val.to(t.device)

@@ -5,10 +5,13 @@ parameter, holding only parameters with at least one selected entry.
 """
 import math
 import re
+import warnings
 from collections import Counter
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import torch
+
+from saft.errors import ConfigError
 
 SCORES = ("abs_sum", "sum_abs", "fisher")
 SCOPES = ("global", "per_tensor")
@@ -43,7 +46,8 @@ def is_eligible(name: str, include: Sequence[str] = (), exclude: Sequence[str] =
 
 
 def accumulate_scores(scores: Scores, grads: Mapping[str, torch.Tensor], score: str) -> None:
-    """Add one batch's gradients into the running per-entry scores (in place).
+    """Add gradients (one example's; for ``abs_sum`` a batch's sum is the same) into the running per-entry
+    scores (in place).
 
     ``abs_sum`` accumulates signed sums (take ``finalize_scores`` after the last batch, and after any
     cross-process sum), ``sum_abs`` accumulates |g| and ``fisher`` accumulates g**2.
@@ -65,10 +69,31 @@ def finalize_scores(scores: Scores, score: str) -> Scores:
 
 
 def num_selected(sparsity: float, n_eligible: int) -> int:
-    """k = round(sparsity * N), the exact number of entries a mask holds."""
-    if not 0.0 < sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in (0, 1], got {sparsity}")
-    return int(round(sparsity * n_eligible))
+    """k = round(sparsity * N), the exact number of entries a mask holds (at least 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < sparsity <= 1.0:
+        raise ConfigError(f"sparsity={sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
+    k = int(round(sparsity * n_eligible))
+    if k < 1:
+        # round() takes halves to even, so 0.5 / N would still select nothing; 1 / N selects one entry.
+        raise ConfigError(f"sparsity={sparsity} selects round({sparsity} x {n_eligible}) = 0 of the {n_eligible} "
+                          f"eligible entries; use sparsity >= {_round_up(1 / n_eligible)}")
+    return k
+
+
+def _round_up(x: float) -> str:
+    """``x`` to two significant digits, rounded up, so the value printed is never below ``x``."""
+    exponent = math.floor(math.log10(x)) - 1
+    return f"{math.ceil(x / 10 ** exponent) * 10 ** exponent:.2g}"
+
+
+def check_finite(scores: Scores) -> None:
+    """A NaN or inf score would make the selection meaningless (NaN compares false with everything)."""
+    for name, s in scores.items():
+        bad = int((~torch.isfinite(s)).sum())
+        if bad:
+            raise ConfigError(f"the mask scores of {name} hold {bad} non-finite values (NaN or inf): the loss or "
+                              f"its gradient overflowed on the scoring data. Check the inputs and the base weights "
+                              f"(a diverged checkpoint?) and that the loss is finite on every example")
 
 
 def _kth_largest(flats: Sequence[torch.Tensor], k: int, total: int) -> torch.Tensor:
@@ -122,13 +147,22 @@ def select_topk(scores: Scores, k: int, scope: str = "global") -> Mask:
     tensors by size (``per_tensor``). Deterministic: ties go to the earlier tensor, then lower index."""
     if scope not in SCOPES:
         raise ValueError(f"unknown mask scope {scope!r}; choose one of {SCOPES}")
+    check_finite(scores)
     names = list(scores)
     if scope == "per_tensor":
         ks = _split_k({n: scores[n].numel() for n in names}, k)
         chosen = [_take_topk([scores[n]], ks[n])[0] for n in names]
     else:
         chosen = _take_topk([scores[n] for n in names], k)
-    return {n: idx for n, idx in zip(names, chosen) if idx.numel() > 0}
+    mask = {n: idx for n, idx in zip(names, chosen) if idx.numel() > 0}
+    selected = sum(int(idx.numel()) for idx in mask.values())
+    if selected != min(k, sum(s.numel() for s in scores.values())):
+        raise RuntimeError(f"the mask holds {selected} entries instead of k={k}: a bug in saft.mask, please report it")
+    zero = sum(int((scores[n].reshape(-1)[idx] == 0).sum()) for n, idx in mask.items())
+    if zero:
+        warnings.warn(f"{zero} of the {k} selected entries have a score of exactly 0 (no gradient signal); "
+                      f"they were taken in parameter order")
+    return mask
 
 
 def random_scores(shapes: Mapping[str, torch.Size], seed: int) -> Scores:
@@ -158,10 +192,11 @@ def unflatten_mask(flat: torch.Tensor, sizes: Mapping[str, int]) -> Mask:
     return mask
 
 
-def mask_stats(mask: Mask, sizes: Mapping[str, int], k: Optional[int] = None) -> Dict[str, int]:
-    """k, N and selected entries per tower and per block, as flat ``mask/...`` keys for a logger."""
+def mask_stats(mask: Mask, sizes: Mapping[str, int]) -> Dict[str, int]:
+    """k (the entries the mask holds), N and selected entries per tower and per block, as flat ``mask/...``
+    keys for a logger."""
     selected = {n: int(idx.numel()) for n, idx in mask.items()}
-    stats = {"mask/k": sum(selected.values()) if k is None else k, "mask/N": int(sum(sizes.values()))}
+    stats = {"mask/k": sum(selected.values()), "mask/N": int(sum(sizes.values()))}
     per_tower, per_block = Counter(), Counter()
     for n, count in selected.items():
         per_tower[tower_of(n)] += count

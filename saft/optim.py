@@ -4,7 +4,7 @@ Why not torch's AdamW with masked gradients: decoupled weight decay multiplies e
 a gradient, so frozen entries would drift. Here an entry outside the mask is never written, whatever the
 weight decay, and the moment buffers hold k values instead of a dense copy of the model.
 """
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 
@@ -24,6 +24,19 @@ class MaskedAdamW(torch.optim.Optimizer):
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.masks: Optional[Dict[torch.Tensor, torch.Tensor]] = None
+
+    @classmethod
+    def from_mask(cls, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], **kwargs) -> "MaskedAdamW":
+        """An optimizer over the parameters of ``model`` that ``mask`` (``{name: flat indices}``, as
+        :func:`saft.select_mask` returns) selects entries of, with its mask set. ``kwargs``: lr, betas, eps,
+        weight_decay (decay applies to the selected entries only)."""
+        params = dict(model.named_parameters())
+        unknown = sorted(set(mask) - set(params))
+        if unknown:
+            raise ValueError(f"the mask names parameters this model does not have: {unknown[:3]}")
+        optimizer = cls([params[n] for n in mask], **kwargs)
+        optimizer.set_masks({params[n]: idx for n, idx in mask.items()})
+        return optimizer
 
     def set_masks(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
         """``{parameter: sorted flat indices}``; every parameter must belong to this optimizer."""

@@ -30,7 +30,7 @@ def _assert_frozen_outside_mask(cfg, out_dir, results):
     assert ckpt["global_step"] == cfg.trainer.max_steps
     masks = ckpt_masks(ckpt)
     k = sum(i.numel() for i in masks.values())
-    changed = changed_entries(run.base_parameters(cfg), ckpt_params(ckpt))
+    changed = changed_entries(run.base_state(cfg), ckpt_params(ckpt))
     n_changed = sum(i.numel() for i in changed.values())
     assert 0 < n_changed <= k == results["num_trainable"]
     assert results["num_changed"] == n_changed
@@ -60,7 +60,7 @@ def test_every_score_and_scope_trains_exactly_k_entries_of_its_own_mask(tmp_path
     default = ckpt_masks(checkpoint(tmp_path / "default"))
     assert masks.keys() != default.keys() or any(not torch.equal(masks[n], default[n]) for n in masks)
     if scope == "per_tensor":  # every tensor of the towers gets its share of k
-        assert len(masks) >= 0.9 * sum(1 for v in run.base_parameters(cfg).values() if 0.005 * v.numel() >= 1)
+        assert len(masks) >= 0.9 * sum(1 for v in run.base_state(cfg).values() if 0.005 * v.numel() >= 1)
 
 
 def test_eligibility_patterns_restrict_the_mask(tmp_path):
@@ -68,7 +68,7 @@ def test_eligibility_patterns_restrict_the_mask(tmp_path):
                                           "sparsity=0.01", "method.optimizer.lr=0.01"])
     masks = _assert_frozen_outside_mask(cfg, tmp_path / "r", results)
     assert all("resblocks" in n and "ln_" not in n for n in masks)
-    eligible = sum(v.numel() for n, v in run.base_parameters(cfg).items() if "resblocks" in n and "ln_" not in n)
+    eligible = sum(v.numel() for n, v in run.base_state(cfg).items() if "resblocks" in n and "ln_" not in n)
     assert results["num_trainable"] == round(0.01 * eligible) == results["mask"]["mask/k"]
 
 
@@ -84,7 +84,7 @@ def test_full_ft_changes_far_more_and_zeroshot_nothing(tmp_path):
 
 def test_tower_choice_freezes_the_other_tower(tmp_path):
     cfg, results = _train(tmp_path, "img", ["method=full_ft", "method.towers=[image]", "method.optimizer.lr=1e-3"])
-    changed = changed_entries(run.base_parameters(cfg), ckpt_params(checkpoint(tmp_path / "img")))
+    changed = changed_entries(run.base_state(cfg), ckpt_params(checkpoint(tmp_path / "img")))
     assert changed and all(n.startswith("visual.") for n in changed)
 
 

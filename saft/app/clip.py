@@ -8,11 +8,12 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from saft.app import CONF_DIR
 from saft.errors import ConfigError
 
 # Architectures this project defines (e.g. the tiny test model) live beside the model configs.
 MAX_LOGIT_SCALE = math.log(100)  # CLIP caps exp(logit_scale) at 100
-ARCH_DIR = Path(__file__).resolve().parent.parent / "conf" / "model" / "open_clip"
+ARCH_DIR = CONF_DIR / "model" / "open_clip"
 open_clip.add_model_config(ARCH_DIR)
 
 

@@ -1,5 +1,5 @@
 """The LightningModule: an open_clip model classifying images with a text head, and its evaluation."""
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import open_clip
 import pytorch_lightning as pl
@@ -22,8 +22,11 @@ class CLIPClassifier(pl.LightningModule):
 
     The training head is re-encoded from the class prompts on every step while any text-tower parameter
     trains, so gradients reach the text tower (cost: one text forward and backward over
-    n_classes x len(datamodule.train_templates()) prompts per step); when the text tower is frozen it is encoded once.
-    Evaluation heads use every template of the eval set and are cached until the text tower changes.
+    n_classes x len(datamodule.train_templates()) prompts per step). Heads that need no gradient (evaluation,
+    and training with the text tower frozen) are cached, keyed by the version counters of the text tower's
+    tensors: any in-place write (an optimizer step, a checkpoint restore, a delta applied) rebuilds them.
+    BatchNorm layers (ResNet CLIPs) stay in eval mode: few-shot batches are too small to estimate their
+    statistics, and running statistics that drift would change the model outside any mask.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Callable, optimizer: Optional[Callable] = None,
@@ -34,10 +37,8 @@ class CLIPClassifier(pl.LightningModule):
         # Decided here, before any DDP wrap: DDP fixes the set of parameters that need gradients.
         for name, p in self.model.named_parameters():
             p.requires_grad_(optimizer is not None and tower_of(name) in towers)
-        self._text_params = [p for name, p in self.model.named_parameters() if tower_of(name) == "text"]
         self.results: Dict[str, Dict[str, float]] = {}
-        self._heads: Dict[str, torch.Tensor] = {}
-        self._frozen_train_head: Optional[torch.Tensor] = None
+        self._heads: Dict[str, Tuple[tuple, torch.Tensor]] = {}
 
     # --- heads -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -53,30 +54,35 @@ class CLIPClassifier(pl.LightningModule):
         self.test_n = nn.ModuleDict({s.name: SumMetric() for s in self.eval_sets})
         self.val_acc = MulticlassAccuracy(len(self.classnames), average="micro")
 
+    def _text_tensors(self):
+        return [t for name, t in self.model.state_dict(keep_vars=True).items() if tower_of(name) == "text"]
+
     @property
     def text_trains(self) -> bool:
         # Asked each step: a SAFT mask without text entries freezes the whole text tower at fit start.
-        return any(p.requires_grad for p in self._text_params)
+        return any(t.requires_grad for t in self._text_tensors())
+
+    def _cached_head(self, key: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()`` once per state of the text tower: the key holds each tensor's identity and version."""
+        state = tuple((id(t), t._version) for t in self._text_tensors())
+        if key not in self._heads or self._heads[key][0] != state:
+            with torch.no_grad():
+                self._heads[key] = (state, build())
+        return self._heads[key][1]
 
     def train_head(self) -> torch.Tensor:
-        if self.text_trains:
-            return text_head(self.model, self.train_tokens.to(self.device), len(self.classnames))
-        if self._frozen_train_head is None:
-            with torch.no_grad():
-                self._frozen_train_head = text_head(self.model, self.train_tokens.to(self.device),
-                                                    len(self.classnames))
-        return self._frozen_train_head
+        build = lambda: text_head(self.model, self.train_tokens.to(self.device), len(self.classnames))  # noqa: E731
+        return build() if self.text_trains and torch.is_grad_enabled() else self._cached_head("train", build)
 
     def eval_head(self, index: int) -> torch.Tensor:
         s = self.eval_sets[index]
-        if s.name not in self._heads:
-            self._heads[s.name] = open_clip.build_zero_shot_classifier(
-                self.model, self.tokenizer, s.classnames, s.templates, device=self.device)
-        return self._heads[s.name]
+        return self._cached_head(f"eval/{s.name}", lambda: open_clip.build_zero_shot_classifier(
+            self.model, self.tokenizer, s.classnames, s.templates, device=self.device))
 
-    def on_train_batch_end(self, *args) -> None:
-        if self.text_trains:
-            self._heads.clear()  # the class embeddings changed
+    def on_train_epoch_start(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
     # --- forward and loss --------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
@@ -87,12 +93,18 @@ class CLIPClassifier(pl.LightningModule):
         images, labels = batch
         return F.cross_entropy(self(images, self.train_head()), labels, reduction=reduction)
 
+    def per_example_loss(self, batch) -> torch.Tensor:
+        """Cross-entropy of each example: what SAFT's mask scores are summed from."""
+        return self.loss(batch, reduction="none")
+
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
-        if not torch.isfinite(loss):
+        # Decided on every rank together: a rank that raised alone would leave the others waiting in DDP's
+        # all-reduce until a timeout.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             # Raised before the optimizer step: the last checkpoint on disk is the last good state.
-            raise ConfigError(f"the training loss became {loss.item()} at step {self.global_step}; lower "
-                              f"method.optimizer.lr. Checkpoints written so far are intact")
+            raise ConfigError(f"the training loss became non-finite (this rank: {loss.item()}) at step "
+                              f"{self.global_step}; lower method.optimizer.lr. Checkpoints written so far are intact")
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.base import key_rng
 from datamodules.fmnist_styles import CLASSNAMES, STYLES, caption, load_fashion_mnist, render
 from saft.atomic import atomic_path
+from saft.app import CONF_DIR
 from saft.app.clip import MAX_LOGIT_SCALE, load_clip
 from saft.errors import ConfigError
 from saft.optim import warmup_cosine
@@ -130,7 +131,7 @@ def resolve_pretrained(model_cfg: Mapping) -> Dict:
 def main() -> None:
     """Rebuild the benchmark's pretrained CLIP with the settings of conf/model/fmnist_clip.yaml."""
     from hydra import compose, initialize_config_dir
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["model=fmnist_clip"])
     spec = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
     path = cache_path(cfg.model.name, spec)

@@ -18,6 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from saft.app import CONF_DIR
 from saft.app.clip import load_clip
 from saft.delta import (apply_delta, compute_delta, load_delta, num_changed, save_delta,
                         state_checksum)
@@ -29,7 +30,6 @@ from saft.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DELTA = "delta.safetensors"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def reports_user_errors(main):
@@ -95,9 +95,9 @@ def make_trainer(cfg: DictConfig, callbacks) -> pl.Trainer:
                                    default_root_dir=str(output_dir()))
 
 
-def base_parameters(cfg: DictConfig):
-    """The pre-trained parameters, rebuilt from the config (tag, file or seeded init)."""
-    return {n: p.detach() for n, p in load_clip(**resolve_pretrained(cfg.model))[0].named_parameters()}
+def base_state(cfg: DictConfig):
+    """The pre-trained parameters and buffers, rebuilt from the config (tag, file or seeded init)."""
+    return load_clip(**resolve_pretrained(cfg.model))[0].state_dict()
 
 
 def finish(trainer: pl.Trainer) -> None:
@@ -128,7 +128,7 @@ def train(cfg: DictConfig) -> dict:
         # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
         trainer.save_checkpoint(Path(cfg.checkpoint.dirpath) / "last.ckpt", weights_only=False)
         log.info("rank %d: trained weights sha256 %s", trainer.global_rank,
-                 state_checksum(dict(module.model.named_parameters())))
+                 state_checksum(module.model.state_dict()))
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = None
     if trainer.is_global_zero:
@@ -170,10 +170,10 @@ def comparison_table(results: dict) -> str:
 def write_artifacts(cfg, module, datamodule, mask_callback, before=None) -> dict:
     """delta.safetensors against the rebuilt base model, then results.json."""
     out = output_dir()
-    base = base_parameters(cfg)
-    delta = compute_delta(base, dict(module.model.named_parameters()))
-    save_delta(out / DELTA, delta, {"model.name": cfg.model.name, "model.pretrained": str(cfg.model.pretrained),
-                                    "base_sha256": state_checksum(base)})
+    base = base_state(cfg)
+    delta = compute_delta(base, module.model.state_dict())
+    save_delta(out / DELTA, delta, {"model.name": cfg.model.name, "model.pretrained": str(cfg.model.pretrained)},
+               base=base)
     if mask_callback is not None:
         num_trainable, extra = mask_callback.stats["mask/k"], {"mask": mask_callback.stats}
     else:
@@ -187,7 +187,8 @@ def write_artifacts(cfg, module, datamodule, mask_callback, before=None) -> dict
 
 
 def _results(cfg, module, datamodule, num_trainable, changed, extra=None) -> dict:
-    extra = dict(extra or {})
+    # The fingerprint of the weights the metrics were measured with: eval.py of a run must match training.
+    extra = {"weights_sha256": state_checksum(module.model.state_dict()), **(extra or {})}
     if datamodule.protocol == "base2new":
         base, new = module.results["base"]["top1"], module.results["new"]["top1"]
         extra["hm"] = 2 * base * new / (base + new) if base + new else 0.0
@@ -235,8 +236,7 @@ def evaluate(cfg: DictConfig) -> dict:
     num_trainable = changed = 0
     if run_dir is not None:
         delta, metadata = load_delta(run_dir / DELTA)
-        base = {n: p.detach() for n, p in module.model.named_parameters()}
-        if metadata.get("base_sha256") != state_checksum(base):
+        if metadata.get("base_sha256") != state_checksum(module.model.state_dict()):
             raise ConfigError(f"{run_dir / DELTA} was made for another base model (checksum differs from "
                               f"{cfg.model.name} / {cfg.model.pretrained}); evaluate it with its own base")
         apply_delta(module.model, delta)

@@ -1,0 +1,106 @@
+"""``select_mask``: SAFT's sparse mask for any PyTorch model, from per-example gradient scores.
+
+Every score is a sum over training examples, so the mask does not depend on how ``batches`` is cut, nor
+on how many processes share the data (their sums are added before the selection):
+
+- ``abs_sum``  |sum_i g_i|   the magnitude of the full-data gradient (the paper's criterion). Linear in
+  the examples, so one backward of the batch's summed loss gives every example's share at once.
+- ``sum_abs``  sum_i |g_i|   and ``fisher``  sum_i g_i**2 (empirical Fisher diagonal). Not linear: each
+  example gets its own forward and backward (cost: one batch-size-1 step per example).
+"""
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from saft.errors import ConfigError
+from saft.mask import SCORES, Mask, Scores, accumulate_scores, finalize_scores, is_eligible, num_selected, select_topk
+
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+
+
+def eligible_parameters(model: nn.Module, include: Sequence[str] = (),
+                        exclude: Sequence[str] = ()) -> Dict[str, nn.Parameter]:
+    """Parameters with ``requires_grad`` whose name matches an ``include`` regex (if any) and no ``exclude``."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and is_eligible(n, include, exclude)}
+
+
+def _example(batch, i: int):
+    """Example ``i`` of a batch of tensors (nested in tuples, lists and dicts), as a batch of one."""
+    if isinstance(batch, torch.Tensor):
+        return batch[i:i + 1]
+    if isinstance(batch, Mapping):
+        return {k: _example(v, i) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_example(v, i) for v in batch)
+    return batch
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    for value in (batch.values() if isinstance(batch, Mapping) else batch):
+        if isinstance(value, (torch.Tensor, Mapping, tuple, list)):
+            return _batch_size(value)
+    raise ConfigError("a scoring batch holds no tensor to count examples in")
+
+
+def _per_example_losses(loss_fn: LossFn, model: nn.Module, batch) -> torch.Tensor:
+    losses = loss_fn(model, batch)
+    if losses.ndim != 1:
+        raise ConfigError(f"loss_fn must return one loss per example (a 1-D tensor); got shape "
+                          f"{tuple(losses.shape)}. Use reduction='none'")
+    return losses
+
+
+def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches: Iterable, loss_fn: LossFn,
+                  score: str = "abs_sum") -> Scores:
+    """Per-entry sums over every example of ``batches``, in fp32: signed gradients for ``abs_sum`` (take
+    :func:`saft.mask.finalize_scores` after any sum across processes), |g| for ``sum_abs``, g**2 for ``fisher``.
+
+    The model runs in eval mode (no dropout noise, no BatchNorm statistics update); the modes of its modules
+    and every ``.grad`` are as before the call.
+    """
+    if score not in SCORES:
+        raise ConfigError(f"unknown mask score {score!r}; choose one of {SCORES}")
+    names, tensors = list(params), list(params.values())
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for batch in batches:
+            if score == "abs_sum":
+                units = [_per_example_losses(loss_fn, model, batch).sum()]
+            else:
+                units = (_per_example_losses(loss_fn, model, _example(batch, i)).sum()
+                         for i in range(_batch_size(batch)))
+            for loss in units:
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                accumulate_scores(sums, {n: g for n, g in zip(names, grads) if g is not None}, score)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    return sums
+
+
+def select_mask(model: nn.Module, batches: Iterable, loss_fn: LossFn, sparsity: float = 0.001,
+                score: str = "abs_sum", scope: str = "global", include: Sequence[str] = (),
+                exclude: Sequence[str] = (), *, all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> Mask:
+    """SAFT's mask: the k = round(sparsity * N_eligible) eligible entries with the largest score.
+
+    ``loss_fn(model, batch)`` returns the per-example losses (1-D). Eligible: parameters with
+    ``requires_grad`` matching ``include``/``exclude`` (regexes on ``named_parameters()`` names).
+    ``scope`` is ``global`` (one top-k over all eligible entries) or ``per_tensor`` (k split by size).
+    ``all_reduce`` sums a tensor in place across processes (e.g. ``torch.distributed.all_reduce``), for
+    data sharded over ranks. Returns ``{name: sorted LongTensor of flat indices}``, exactly k entries in all.
+    """
+    params = eligible_parameters(model, include, exclude)
+    if not params:
+        raise ConfigError("no parameter is eligible for the mask: none requires grad and matches "
+                          f"include={list(include)} / exclude={list(exclude)}")
+    k = num_selected(sparsity, sum(p.numel() for p in params.values()))
+    sums = gradient_sums(model, params, batches, loss_fn, score)
+    if all_reduce is not None:
+        for s in sums.values():
+            all_reduce(s)
+    return select_topk(finalize_scores(sums, score), k, scope)
