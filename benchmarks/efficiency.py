@@ -30,6 +30,7 @@ def child(args) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    import saft.select
     from saft.app import run
     from saft.callback import SparseMaskCallback
 
@@ -59,14 +60,14 @@ def child(args) -> dict:
             timings["step"].append(time.perf_counter() - self.t)
 
     def timed(method, key):
-        def wrapper(self, *a, **k):
+        def wrapper(*a, **k):
             t = time.perf_counter()
-            result = method(self, *a, **k)
+            result = method(*a, **k)
             timings[key] = time.perf_counter() - t
             return result
         return wrapper
     SparseMaskCallback._select = timed(SparseMaskCallback._select, "mask")
-    SparseMaskCallback.gradient_scores = timed(SparseMaskCallback.gradient_scores, "scores")
+    saft.select.gradient_sums = timed(saft.select.gradient_sums, "scores")
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pl.seed_everything(1)

@@ -1,0 +1,58 @@
+"""What the mask's scoring pass costs per score: |Σg| (one backward per batch) against Σ|g| and Σg² (one
+backward per example), on the CLIP app's model and data, side by side in one process.
+
+    python benchmarks/scoring_cost.py --model fmnist_clip --shots 16
+"""
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="fmnist_clip", choices=["tiny", "fmnist_clip", "vit_b16"])
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64, help="scoring batch size (eval_batch_size)")
+    args = parser.parse_args()
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from saft.app import CONF_DIR, run
+    from saft.select import eligible_parameters, gradient_sums
+
+    overrides = [f"model={args.model}", "model.pretrained=null", "dataset=synthetic", f"shots={args.shots}",
+                 f"eval_batch_size={args.batch}", "dataset.datamodule.image_size=32"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides + ["hydra.run.dir=/tmp/saft-scoring-cost"],
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = "/tmp/saft-scoring-cost"
+    HydraConfig.instance().set_config(cfg)
+    datamodule, module = run.build(cfg)
+    module.use_datamodule(datamodule)
+    params = eligible_parameters(module.model)
+    batches = list(datamodule.mask_dataloader())
+    n = sum(len(b[1]) for b in batches)
+    seconds = {}
+    for score in ("abs_sum", "sum_abs", "fisher"):
+        start = time.perf_counter()
+        gradient_sums(module.model, params, batches, lambda _, b: module.per_example_loss(b), score)
+        seconds[score] = time.perf_counter() - start
+    eligible_mb = sum(p.numel() for p in params.values()) * 4 / 2**20
+    print(f"{args.model}: {n} examples, scoring batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"{eligible_mb:.0f} MB of eligible fp32 entries (the sums and each backward's gradients: 2x that)")
+    for score, s in seconds.items():
+        print(f"  {score:8s} {s:7.2f} s  ({1000 * s / n:.1f} ms per example, {s / seconds['abs_sum']:.1f}x abs_sum)")
+    print(f"  peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
