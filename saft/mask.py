@@ -132,12 +132,12 @@ def _take_topk(tensors: Sequence[torch.Tensor], k: int) -> List[torch.Tensor]:
 
 
 def _split_k(sizes: Mapping[str, int], k: int) -> Dict[str, int]:
-    """Split k across tensors in proportion to their size (largest remainder, sums to exactly k)."""
+    """Split k across tensors in proportion to their size (largest remainder, sums to exactly k). Integer
+    arithmetic, so equal remainders tie exactly and go to the earlier tensor."""
     names, total = list(sizes), sum(sizes.values())
-    quotas = [k * sizes[n] / total for n in names]
-    out = [int(q) for q in quotas]
-    by_remainder = sorted(range(len(names)), key=lambda i: (out[i] - quotas[i], i))
-    for i in by_remainder[: k - sum(out)]:
+    parts = [divmod(k * sizes[n], total) for n in names]
+    out = [quotient for quotient, _ in parts]
+    for i in sorted(range(len(names)), key=lambda i: (-parts[i][1], i))[: k - sum(out)]:
         out[i] += 1
     return dict(zip(names, out))
 

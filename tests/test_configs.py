@@ -1,15 +1,31 @@
-"""Every config group option composes with the real configs and instantiates its objects."""
+"""Every config group option composes with the real configs and instantiates objects that behave as the run
+needs: the method's optimizer and learning rate, the trainer's accelerator, strategy, precision and checkpoint
+writer, loggers that write into the run dir, datamodules that read from data_dir, architectures open_clip
+knows; and top-level keys (sparsity, seed, shots, lr_scale) reach the objects that use them."""
 from pathlib import Path
 
 import hydra
+import open_clip
 import pytest
 import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
+from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
+import saft.app.clip  # noqa: F401  (registers the project's open_clip architectures)
 from conftest import CONF, FAST, compose_cfg
+from saft import mask as M
+from saft.app.checkpoint_io import AtomicCheckpointIO
+from saft.app.validate import validate
 from saft.callback import SparseMaskCallback
+from saft.errors import ConfigError
+from saft.optim import MaskedAdamW
 
 GROUPS = {g: sorted(p.stem for p in (Path(CONF) / g).glob("*.yaml"))
           for g in ("model", "dataset", "method", "trainer", "logger")}
+ARMS = sorted(p.stem for p in (Path(CONF) / "arm").glob("*.yaml"))
 
 
 def test_every_group_has_the_options_the_docs_promise():
@@ -20,61 +36,186 @@ def test_every_group_has_the_options_the_docs_promise():
     assert {"synthetic", "fmnist_styles"} <= set(GROUPS["dataset"])
 
 
+def _optimizer(method_cfg):
+    """The method's optimizer, built as the run builds it, over one small parameter."""
+    return hydra.utils.instantiate(method_cfg.optimizer)([torch.nn.Parameter(torch.zeros(3))])
+
+
+def _check_method(cfg, tmp_path, option):
+    method = cfg.method
+    if not method.train:
+        assert method.get("optimizer") is None and not method.get("mask") and not list(method.towers)
+        return
+    optimizer = _optimizer(method)
+    # A masked method needs MaskedAdamW (any other optimizer would write unselected entries); full FT a
+    # plain optimizer that updates every entry.
+    assert isinstance(optimizer, MaskedAdamW) == bool(method.get("mask"))
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    # lr = the method's base lr x lr_scale, whatever the base.
+    scaled = compose_cfg(tmp_path / "scaled", [f"method={option}", "lr_scale=0.25"])
+    lr, scaled_lr = optimizer.param_groups[0]["lr"], _optimizer(scaled.method).param_groups[0]["lr"]
+    assert 0 < lr < 1 and scaled_lr == pytest.approx(0.25 * lr)
+    if method.get("mask"):
+        callback = hydra.utils.instantiate(method.mask)
+        assert isinstance(callback, SparseMaskCallback)
+        # The top-level keys are the callback's (test_top_level_keys_flow_... overrides them).
+        assert (callback.sparsity, callback.seed) == (cfg.sparsity, cfg.seed)
+        assert callback.selection == ("random" if option == "random_mask" else "gradient")
+
+
+def _check_trainer(cfg, tmp_path, option):
+    gpu = torch.cuda.is_available()
+    # ddp on CPUs (gloo): Lightning builds the strategy without launching processes; gpu without a GPU:
+    # the same settings on the CPU.
+    overrides = {"accelerator": "cpu"} if option == "ddp" or (option == "gpu" and not gpu) else {}
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path), **overrides)
+    assert isinstance(trainer, pl.Trainer)
+    expected_accelerator = CPUAccelerator if option in ("cpu", "ddp") or not gpu else CUDAAccelerator
+    assert isinstance(trainer.accelerator, expected_accelerator)
+    if option == "ddp":
+        assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
+    else:
+        assert isinstance(trainer.strategy, SingleDeviceStrategy) and trainer.num_devices == 1
+    if option == "gpu":  # bf16 autocast over fp32 weights, as masked methods require
+        assert isinstance(trainer.precision_plugin, MixedPrecision) and trainer.precision == "bf16-mixed"
+    else:
+        assert not isinstance(trainer.precision_plugin, MixedPrecision) and trainer.precision == "32-true"
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # kill-safe checkpoint files
+    assert trainer.gradient_clip_val == 1.0 and trainer.gradient_clip_algorithm == "norm"
+
+
+def _check_logger(cfg, tmp_path, option):
+    logger = hydra.utils.instantiate(cfg.logger)
+    assert isinstance(logger, pl.loggers.Logger)
+    assert Path(logger.save_dir) == tmp_path  # inside the run's own output dir
+    if option == "csv":
+        logger.log_metrics({"probe": 3.5}, step=0)
+        logger.save()
+        (metrics,) = tmp_path.glob("**/metrics.csv")
+        assert "probe" in metrics.read_text() and "3.5" in metrics.read_text()
+    if option == "wandb":
+        assert isinstance(logger, pl.loggers.WandbLogger)
+        assert logger._wandb_init["mode"] == "disabled"  # WANDB_MODE (conftest) decides, offline by default
+
+
+def _check_dataset(cfg, tmp_path, option):
+    empty = Path(cfg.data_dir)
+    datamodule = hydra.utils.instantiate(cfg.dataset.datamodule)
+    assert datamodule.shots == cfg.shots and datamodule.seed == cfg.seed
+    if option == "synthetic":
+        datamodule.check()  # procedural: needs no files
+        assert len(datamodule.split["train"]) == cfg.shots * len(datamodule.all_classnames())
+    elif option == "fmnist_styles":
+        from datamodules import fmnist_styles as fm
+        if fm.DEBIAN_DIR.is_dir():
+            datamodule.check()  # Debian's package serves any data_dir
+            assert (empty / "FashionMNIST" / "raw").is_dir()
+        else:
+            with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist"):
+                datamodule.check()
+    else:  # a CoOp dataset or ImageNet: read from data_dir, with a message that names the path
+        with pytest.raises(ConfigError, match=str(empty)):
+            datamodule.check()
+
+
+def _check_model(cfg, option):
+    arch = open_clip.get_model_config(cfg.model.name)
+    assert arch is not None, f"open_clip does not know {cfg.model.name}"
+    if option == "vit_b16":
+        return  # test_vit_b16_uses_the_quickgelu_architecture
+    model = open_clip.create_model(cfg.model.name)  # the small project architectures, random init
+    image_entries = sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual."))
+    assert 0 < image_entries < sum(p.numel() for p in model.parameters())  # both towers
+    if option == "fmnist_clip":  # its yaml: image tower 1.04 M entries, so 0.1% = 1,035
+        assert round(image_entries / 1e4) / 100 == 1.04 and M.num_selected(0.001, image_entries) == 1035
+
+
 @pytest.mark.parametrize("config_name", ["train", "eval"])
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_option_composes_and_instantiates(tmp_path, config_name, group, option):
-    cfg = compose_cfg(tmp_path, [f"{group}={option}"], config_name)
-    assert cfg.sparsity == 0.001 and cfg.shots == 16 and cfg.seed == 1
-    if group == "method":
-        method = cfg.method
-        assert method.name == option
-        if method.train:
-            assert hydra.utils.instantiate(method.optimizer).func.__name__ in ("MaskedAdamW", "AdamW")
-        if method.get("mask"):
-            callback = hydra.utils.instantiate(method.mask)
-            assert isinstance(callback, SparseMaskCallback) and callback.sparsity == cfg.sparsity
-            assert callback.selection == ("random" if option == "random_mask" else "gradient")
-    elif group == "trainer" and option != "gpu":
-        trainer = hydra.utils.instantiate(cfg.trainer, accelerator="cpu", logger=False)
-        assert isinstance(trainer, pl.Trainer)
+    data_dir = [f"data_dir={tmp_path / 'no_data'}"] if group == "dataset" else []  # a folder without data
+    cfg = compose_cfg(tmp_path, [f"{group}={option}", *data_dir], config_name)
+    validate(cfg)  # the run's own checks accept every option
+    if config_name == "eval":  # the same group configs as train (checked below): instantiating is enough
+        node = {"method": cfg.method.get("optimizer"), "trainer": cfg.trainer, "logger": cfg.logger,
+                "dataset": cfg.dataset.datamodule, "model": None}[group]
+        if node is not None:
+            kwargs = {"accelerator": "cpu", "logger": False} if group == "trainer" else {}
+            assert hydra.utils.instantiate(node, **kwargs) is not None
+        if group == "method" and cfg.method.get("mask"):
+            assert isinstance(hydra.utils.instantiate(cfg.method.mask), SparseMaskCallback)
+    elif group == "method":
+        _check_method(cfg, tmp_path, option)
+    elif group == "trainer":
+        _check_trainer(cfg, tmp_path, option)
     elif group == "logger":
-        logger = hydra.utils.instantiate(cfg.logger)
-        assert isinstance(logger, pl.loggers.Logger)
+        _check_logger(cfg, tmp_path, option)
     elif group == "dataset":
-        datamodule = hydra.utils.instantiate(cfg.dataset.datamodule)
-        assert datamodule.shots == cfg.shots and datamodule.seed == cfg.seed
+        _check_dataset(cfg, tmp_path, option)
     elif group == "model":
-        assert cfg.model.name in ("saft-tiny", "ViT-B-16-quickgelu", "saft-fmnist")
+        _check_model(cfg, option)
 
 
-def test_eval_config_defaults_to_zero_shot(tmp_path):
-    cfg = compose_cfg(tmp_path, [], "eval")
-    assert cfg.method.name == "zeroshot" and cfg.run_dir is None
+def test_eval_config_is_the_train_config_without_training(tmp_path):
+    train, evaluate = (OmegaConf.to_container(compose_cfg(tmp_path, [], name), resolve=False)
+                       for name in ("train", "eval"))
+    assert evaluate.pop("run_dir") is None
+    assert {k: v for k, v in evaluate.items() if k not in ("method", "hydra")} == \
+        {k: v for k, v in train.items() if k not in ("method", "hydra")}
+    assert not evaluate["method"]["train"] and evaluate["method"]["optimizer"] is None
+    assert evaluate["method"]["mask"] is None and train["method"]["train"]
 
 
 def test_vit_b16_uses_the_quickgelu_architecture(tmp_path):
+    """OpenAI's ViT-B/16 weights were trained with QuickGELU: a plain ViT-B-16 loads them without a warning
+    and computes the wrong activation."""
     cfg = compose_cfg(tmp_path, ["model=vit_b16"])
-    assert cfg.model.name == "ViT-B-16-quickgelu" and cfg.model.pretrained == "openai"
+    assert open_clip.get_model_config(cfg.model.name)["quick_gelu"] is True
+    assert cfg.model.pretrained in open_clip.list_pretrained_tags_by_model(cfg.model.name)
 
 
-def test_sparsity_and_shots_flow_into_callback_and_datamodule(tmp_path):
-    cfg = compose_cfg(tmp_path, FAST + ["sparsity=0.05", "shots=3", "seed=7"])
-    assert hydra.utils.instantiate(cfg.method.mask).sparsity == 0.05
+def test_top_level_keys_flow_into_callback_optimizer_and_datamodule(tmp_path):
+    cfg = compose_cfg(tmp_path, FAST + ["sparsity=0.05", "shots=3", "seed=7", "lr_scale=2"])
+    callback = hydra.utils.instantiate(cfg.method.mask)
+    assert (callback.sparsity, callback.seed) == (0.05, 7)
+    default = compose_cfg(tmp_path / "default", FAST)
+    assert _optimizer(cfg.method).param_groups[0]["lr"] == \
+        pytest.approx(2 * _optimizer(default.method).param_groups[0]["lr"])
     datamodule = hydra.utils.instantiate(cfg.dataset.datamodule)
     assert (datamodule.shots, datamodule.seed) == (3, 7)
     assert len(datamodule.split["train"]) == 6 * 3
+    other_seed = hydra.utils.instantiate(compose_cfg(tmp_path / "s8", FAST + ["shots=3", "seed=8"]).dataset.datamodule)
+    assert other_seed.split["train"] != datamodule.split["train"]  # the seed draws the few shots
 
 
-ARMS = {"full_ft": ("full_ft", 0.001, None), "saft": ("saft", 0.001, []),
-        "saft_no_embed": ("saft", 0.001, ["conv1", "embedding"]),
-        "saft_no_embed_1pct": ("saft", 0.01, ["conv1", "embedding"]), "random_mask": ("random_mask", 0.001, [])}
+EXCLUDED = ["visual.conv1.weight", "visual.positional_embedding", "positional_embedding", "token_embedding.weight"]
+ELIGIBLE = ["visual.transformer.resblocks.0.attn.in_proj_weight", "visual.proj", "ln_final.bias"]
 
 
-@pytest.mark.parametrize("arm", sorted(p.stem for p in (Path(CONF) / "arm").glob("*.yaml")))
-def test_every_arm_sets_its_method_and_keeps_the_experiment_settings(tmp_path, arm):
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """The experiment with its default arm (SAFT as published)."""
+    return compose_cfg(tmp_path_factory.mktemp("saft"), ["experiment=fmnist_tradeoff", "arm=saft"])
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_every_arm_sets_its_method_and_keeps_the_experiment_settings(tmp_path, baseline, arm):
     cfg = compose_cfg(tmp_path, ["experiment=fmnist_tradeoff", f"arm={arm}"])
-    method, sparsity, exclude = ARMS[arm]
-    assert (cfg.method.name, cfg.sparsity) == (method, sparsity)
-    assert (list(cfg.method.mask.exclude) if cfg.method.mask else None) == exclude
-    assert list(cfg.method.towers) == ["image"] and cfg.method.schedule == "constant" and cfg.shots == 64
-    assert set(cfg.hydra.sweeper.params.arm.split(",")) == set(ARMS)
+    # Everything but the method and its budget is the experiment's, the same in every arm.
+    assert {k: v for k, v in cfg.items() if k not in ("method", "sparsity", "hydra")} == \
+        {k: v for k, v in baseline.items() if k not in ("method", "sparsity", "hydra")}
+    assert list(cfg.method.towers) == list(baseline.method.towers)
+    assert (cfg.method.schedule, cfg.method.warmup_fraction) == (baseline.method.schedule,
+                                                                 baseline.method.warmup_fraction)
+    optimizer = _optimizer(cfg.method)
+    if arm == "full_ft":
+        assert not cfg.method.get("mask") and not isinstance(optimizer, MaskedAdamW)
+        return
+    callback = hydra.utils.instantiate(cfg.method.mask)
+    assert isinstance(optimizer, MaskedAdamW)
+    assert callback.selection == ("random" if arm == "random_mask" else "gradient")
+    no_embed = arm.startswith("saft_no_embed")
+    assert all(M.is_eligible(n, callback.include, callback.exclude) != no_embed for n in EXCLUDED)
+    assert all(M.is_eligible(n, callback.include, callback.exclude) for n in ELIGIBLE)
+    assert callback.sparsity == pytest.approx(baseline.method.mask.sparsity * (10 if arm.endswith("1pct") else 1))
+    assert set(cfg.hydra.sweeper.params.arm.split(",")) == set(ARMS)  # the sweep runs every arm

@@ -144,3 +144,89 @@ def test_tradeoff_curves_follow_each_configuration_through_its_learning_rates():
     assert set(curves) == {"full_ft", "saft, sparsity=0.001", "saft, sparsity=0.01"}
     assert [sorted(seeds) for seeds in curves["full_ft"]] == [[(20.3, 75.0)] * 4, [(21.0, 75.0)] * 4]  # lr order
     assert sorted(map(sorted, curves["saft, sparsity=0.01"])) == [[(31.0, 70.0), (32.0, 70.0)]] * 2
+
+
+def _b2n_run(dataset, method, seed, base, new, lr=1e-3, sparsity=0.001):
+    """A base-to-new results.json with every setting run_settings records."""
+    masked = method != "full_ft"
+    return {"method": method, "model": "m", "dataset": dataset, "shots": 16, "seed": seed, "sparsity": sparsity,
+            "experiment": "base2new", "protocol": "base2new", "towers": ["image", "text"], "lr": lr,
+            "mask_selection": "gradient" if masked else None, "mask_score": "abs_sum" if masked else None,
+            "mask_scope": "global" if masked else None, "mask_include": [], "mask_exclude": [],
+            "id": "base", "ood": ["new"], "metrics": {"base": {"top1": base}, "new": {"top1": new}},
+            "ood_mean_top1": new, "hm": 2 * base * new / (base + new)}
+
+
+def _b2n_table(runs):
+    from saft.report.tables import Runs, base_to_new_table
+    return base_to_new_table(Runs(finished=runs))
+
+
+def _b2n_rows(runs):
+    table = _b2n_table(runs)
+    assert table.columns == ["B", "N", "HM", "n"]
+    return {label: cells for label, cells in table.rows}
+
+
+def _expect_row(cells, runs):
+    """B, N and HM cells hold the runs' values (mean over seeds), n the number of seeds."""
+    for cell, value in zip(cells[:3], (lambda r: r["metrics"]["base"]["top1"], lambda r: r["metrics"]["new"]["top1"],
+                                       lambda r: r["hm"])):
+        assert sorted(cell.values) == pytest.approx(sorted(value(r) for r in runs))
+        assert cell.mean == pytest.approx(statistics.mean(value(r) for r in runs))
+    assert cells[3] == len(runs)
+
+
+@pytest.mark.parametrize("key, values", [("lr", (1e-3, 1e-2)), ("sparsity", (0.001, 0.01))])
+def test_base_to_new_keeps_configurations_apart_and_averages_their_seeds(key, values):
+    low = [_b2n_run("dtd", "saft", seed, 70.0 + seed, 60.0 - seed, **{key: values[0]}) for seed in (1, 2)]
+    high = [_b2n_run("dtd", "saft", seed, 80.0 + 3 * seed, 40.0 + seed, **{key: values[1]}) for seed in (1, 2)]
+    ft = [_b2n_run("dtd", "full_ft", seed, 75.0, 50.0 + seed, lr=1e-5) for seed in (1, 2)]
+    others = [_b2n_run("eurosat", "saft", 1, 90.0, 30.0, **{key: values[0]})]
+    # Whatever the layout: some cell holds exactly the base accuracies of one configuration's seeds, and
+    # no cell pools the two configurations.
+    from saft.report.tables import Cell
+    cells = [c.values for _, row in _b2n_table(low + high + ft + others).rows for c in row if isinstance(c, Cell)]
+    low_base, high_base = ({r["metrics"]["base"]["top1"] for r in runs} for runs in (low, high))
+    assert sorted(low_base) in [sorted(v) for v in cells] and sorted(high_base) in [sorted(v) for v in cells]
+    assert not any(set(v) & low_base and set(v) & high_base for v in cells)
+    rows = _b2n_rows(low + high + ft + others)
+    low_label, high_label = (f"saft, {key}={v:.3g}" for v in values)
+    # The label shows what varies: lr for every method, sparsity only where a mask makes it matter.
+    ft_label = "full_ft, lr=1e-05" if key == "lr" else "full_ft"
+    assert {label for label in rows if not label.endswith("(published)")} == {
+        f"dtd: {low_label}", f"dtd: {high_label}", f"dtd: {ft_label}", f"eurosat: {low_label}",
+        f"average: {low_label}", f"average: {high_label}", f"average: {ft_label}"}
+    _expect_row(rows[f"dtd: {ft_label}"], ft)
+    _expect_row(rows[f"dtd: {low_label}"], low)
+    _expect_row(rows[f"dtd: {high_label}"], high)
+    _expect_row(rows[f"eurosat: {low_label}"], others)
+    assert rows[f"dtd: {low_label}"][0].mean == pytest.approx(71.5)  # (71 + 72) / 2, not pooled with the other
+    # Not all 11 datasets: no average.
+    assert all(cell.values == [] for cell in rows[f"average: {low_label}"][:3])
+
+
+def test_base_to_new_gives_one_row_per_configuration_with_the_mean_over_its_seeds():
+    seeds = [_b2n_run("oxford_pets", "saft", seed, base, new)
+             for seed, base, new in ((1, 91.0, 95.0), (2, 92.5, 96.0), (3, 93.0, 94.0))]
+    rows = _b2n_rows(seeds)
+    assert [label for label in rows if label.startswith("oxford_pets")] == ["oxford_pets: saft"]
+    _expect_row(rows["oxford_pets: saft"], seeds)
+    assert rows["oxford_pets: saft"][0].mean == pytest.approx((91.0 + 92.5 + 93.0) / 3)
+    assert rows["oxford_pets: saft"][0].std == pytest.approx(statistics.stdev([91.0, 92.5, 93.0]))
+
+
+def test_base_to_new_average_is_over_the_11_datasets_of_one_configuration():
+    from saft.report.tables import BASE_TO_NEW_DATASETS
+    runs = [_b2n_run(d, "saft", seed, 60.0 + i + seed, 50.0 + 2 * i - seed, lr=lr)
+            for i, d in enumerate(BASE_TO_NEW_DATASETS) for seed in (1, 2) for lr in (1e-3, 1e-2)]
+    runs = [r for r in runs if not (r["lr"] == 1e-2 and r["dataset"] == "dtd")]  # lr 1e-2 misses one dataset
+    rows = _b2n_rows(runs)
+    complete = [r for r in runs if r["lr"] == 1e-3]
+    per_dataset = [[statistics.mean(v(r) for r in complete if r["dataset"] == d) for d in BASE_TO_NEW_DATASETS]
+                   for v in (lambda r: r["metrics"]["base"]["top1"], lambda r: r["metrics"]["new"]["top1"],
+                             lambda r: r["hm"])]
+    average = rows["average: saft, lr=0.001"]
+    assert [c.mean for c in average[:3]] == pytest.approx([statistics.mean(v) for v in per_dataset])
+    assert all(cell.values == [] for cell in rows["average: saft, lr=0.01"][:3])
+    assert [label for label in rows if label.startswith("dtd")] == ["dtd: saft, lr=0.001"]

@@ -1,9 +1,12 @@
 """The CPU benchmark on a scaled-down scale: styles, captions, data sources, pretraining and its cache."""
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image, ImageFilter, ImageOps
 
 from conftest import compose_cfg, read_results, run_script
 from datamodules import fmnist_styles as fm
@@ -23,33 +26,104 @@ def arrays(tmp_path_factory):
     return fm.load_fashion_mnist(str(tmp_path_factory.mktemp("fm")))
 
 
+def _grey(image):
+    """The image as an int array, asserting it is grey (R = G = B)."""
+    array = np.asarray(image).astype(int)
+    assert array.shape == (32, 32, 3) and (array == array[..., :1]).all()
+    return array[..., 0]
+
+
+def _palette_fit(image, grey28):
+    """Max residual of each channel as (1 - b) * background + b * foreground, b the blurred grey image,
+    with the two colours fitted by least squares: <= 1 for a two-colour painting (uint8 truncation)."""
+    padded = ImageOps.expand(Image.fromarray(grey28), border=2, fill=0)
+    blurred = np.asarray(padded.filter(ImageFilter.GaussianBlur(1.2)), dtype=np.float64).ravel() / 255
+    basis = np.stack([1 - blurred, blurred], 1)
+    pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3)
+    colours = np.linalg.lstsq(basis, pixels, rcond=None)[0]
+    return np.abs(basis @ colours - pixels).max(), colours
+
+
+def _laplacian(grey):
+    """8 x centre - its 8 neighbours (PIL's FIND_EDGES kernel) at the 30 x 30 inner pixels."""
+    windows = sliding_window_view(grey, (3, 3))
+    return 9 * grey[1:-1, 1:-1] - windows.sum((-1, -2))
+
+
 def test_styles_render_deterministically_and_as_documented(arrays):
     images = arrays[0]
-    photo = np.asarray(fm.render(images[0], "photo", key_rng("a")))
-    assert photo.shape == (32, 32, 3) and np.array_equal(photo[2:30, 2:30, 0], images[0])
-    assert np.array_equal(np.asarray(fm.render(images[0], "negative", key_rng("a"))), 255 - photo)
+    for n in range(3):
+        photo = _grey(fm.render(images[n], "photo", key_rng(f"a{n}")))
+        assert np.array_equal(photo[2:30, 2:30], images[n]) and not photo[:2].any() and not photo[:, 30:].any()
+        for style in ("photo", "sketch", "negative"):  # deterministic: the rng does not matter
+            assert np.array_equal(np.asarray(fm.render(images[n], style, key_rng(f"a{n}"))),
+                                  np.asarray(fm.render(images[n], style, key_rng(f"b{n}")))), style
+        # negative: the inverse of the photo
+        assert np.array_equal(_grey(fm.render(images[n], "negative", key_rng("x"))), 255 - photo)
+        # sketch: dark lines on white where the photo has edges; white wherever it is flat or a valley,
+        # whatever its brightness there (so it is not the negative either)
+        sketch, edges = _grey(fm.render(images[n], "sketch", key_rng("x"))), _laplacian(photo)
+        inner = sketch[1:-1, 1:-1]
+        assert (inner[edges <= 0] == 255).all() and (inner[edges >= edges.max() / 2] < 128).all()
+        assert np.corrcoef(np.clip(edges, 0, None).ravel(), inner.ravel())[0, 1] < -0.8
+        assert np.median(sketch) == 255 and np.abs(sketch - (255 - photo)).mean() > 10
+    # Every style: the same key renders the same image.
     for style in fm.STYLES:
         a = np.asarray(fm.render(images[1], style, key_rng(f"k/{style}")))
         b = np.asarray(fm.render(images[1], style, key_rng(f"k/{style}")))
         assert np.array_equal(a, b), style
-    painting = [np.asarray(fm.render(images[1], "painting", key_rng(k))) for k in ("x", "y")]
-    assert not np.array_equal(*painting)  # the palette is drawn per image
-    sketch = np.asarray(fm.render(images[1], "sketch", key_rng("s")))
-    assert np.median(sketch) > 200  # dark lines on white
+    # painting: the blurred image on a two-colour palette, drawn per image (per key)
+    fits = [_palette_fit(fm.render(images[1], "painting", key_rng(k)), images[1]) for k in ("x", "y")]
+    assert all(residual <= 1.0 for residual, _ in fits)
+    assert np.abs(fits[0][1] - fits[1][1]).max() > 10
+    assert not np.array_equal(np.asarray(fm.render(images[1], "painting", key_rng("x"))),
+                              np.asarray(fm.render(images[1], "painting", key_rng("y"))))
+    # noisy: grey, Gaussian noise of sigma 0.25 and 15% of the pixels dropped to 0. On the photo's black
+    # background a pixel is 0 when dropped or when its noise is negative (0.15 + 0.85 / 2 = 0.575), and the
+    # positive noise averages 0.25 * sqrt(2 / pi) = 0.1995; on bright pixels only the drop reaches 0.
+    dropped, positive, bright_dropped = [], [], []
+    for n in range(20):
+        photo = _grey(fm.render(images[n], "photo", key_rng("x")))
+        noisy = _grey(fm.render(images[n], "noisy", key_rng(f"noisy/{n}")))
+        background = noisy[photo == 0]
+        dropped += list(background == 0)
+        positive += list(background[background > 0] / 255)
+        bright_dropped += list(noisy[photo > 200] == 0)
+    assert np.mean(dropped) == pytest.approx(0.575, abs=0.03)
+    assert np.mean(positive) == pytest.approx(0.25 * np.sqrt(2 / np.pi), abs=0.015)
+    assert np.mean(bright_dropped) == pytest.approx(0.15, abs=0.04)
+
+
+def _style_of(image, grey28):
+    """Which documented style ``image`` is a rendering of ``grey28`` in, decided from the pixels alone."""
+    for style in ("photo", "sketch", "negative"):  # deterministic: equal to any rendering of theirs
+        if np.array_equal(np.asarray(image), np.asarray(fm.render(grey28, style, np.random.default_rng()))):
+            return style
+    array = np.asarray(image)
+    if not (array == array[..., :1]).all():
+        return "painting" if _palette_fit(image, grey28)[0] <= 1.0 else "a colour image that is no painting"
+    return "noisy"
 
 
 def test_captions_match_labels_and_styles(arrays):
     images, labels = arrays[0][:50], arrays[1][:50]
     data = P.StyledCaptions(images, labels, WEIGHTS, seed=0, length=200, transform=lambda im: np.asarray(im))
-    seen_styles = set()
+    seen = Counter()
     for i in range(200):
         image, caption_id = data[i]
         style, label = divmod(caption_id, len(fm.CLASSNAMES))
-        assert label == labels[i % 50]
-        again = fm.render(images[i % 50], fm.STYLES[style], np.random.default_rng())  # style decides the look
-        assert image.shape == np.asarray(again).shape
-        seen_styles.add(style)
-    assert len(seen_styles) >= 3
+        assert label == labels[i % 50]  # the caption names the image's class
+        assert _style_of(image, images[i % 50]) == fm.STYLES[style], i  # and the style the image is in
+        again, again_id = data[i]
+        assert np.array_equal(again, image) and again_id == caption_id  # an item is the same every epoch
+        seen[fm.STYLES[style]] += 1
+    # Styles drawn with WEIGHTS (60, 60, 60, 10, 10 of 200 expected): each count within 4 binomial sds.
+    for style, weight in WEIGHTS.items():
+        assert abs(seen[style] - 200 * weight) <= 4 * np.sqrt(200 * weight * (1 - weight)), seen
+    other = P.StyledCaptions(images, labels, WEIGHTS, seed=1, length=200, transform=np.asarray)
+    assert [other[i][1] for i in range(200)] != [data[i][1] for i in range(200)]  # the seed changes the draw
+    only_sketch = P.StyledCaptions(images, labels, {"sketch": 1.0}, seed=0, length=20, transform=np.asarray)
+    assert {only_sketch[i][1] // len(fm.CLASSNAMES) for i in range(20)} == {fm.STYLES.index("sketch")}
     assert fm.caption("painting", "coat") == "a painting of a coat."
 
 

@@ -1,4 +1,7 @@
 """The pure mask math: exact k, deterministic ties, each score and scope, random masks, statistics."""
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -13,24 +16,80 @@ def _scores(seed=0):
             "ln_final.bias": torch.rand(4, generator=g)}
 
 
-def _as_bool(mask, scores):
-    out = {n: torch.zeros(s.numel(), dtype=torch.bool) for n, s in scores.items()}
-    for n, idx in mask.items():
-        out[n][idx] = True
-    return out
+def _reference_global(scores, k):
+    """Brute force: every (value, tensor, index), by value descending, then tensor order, then index."""
+    entries = [(-v, t, i) for t, s in enumerate(scores.values()) for i, v in enumerate(s.flatten().tolist())]
+    names = list(scores)
+    out = {}
+    for _, t, i in sorted(entries)[:k]:
+        out.setdefault(names[t], []).append(i)
+    return {n: sorted(idx) for n, idx in out.items()}
 
 
-@pytest.mark.parametrize("k", [1, 7, 100, 299])
-def test_global_topk_is_exact_and_takes_the_largest(k):
-    scores = _scores()
-    mask = M.select_topk(scores, k, "global")
-    assert sum(i.numel() for i in mask.values()) == k
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    chosen = torch.cat([scores[n].flatten()[i] for n, i in mask.items()])
-    # Independent reference: a full descending sort.
-    assert torch.equal(chosen.sort().values, flat.sort(descending=True).values[:k].sort().values)
-    for idx in mask.values():
-        assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == idx.numel()
+def _reference_split(sizes, k):
+    """k split by size with the largest remainder method in exact arithmetic; equal remainders go to the
+    earlier tensor."""
+    total = sum(sizes.values())
+    quotas = [Fraction(k * size, total) for size in sizes.values()]
+    ks = [int(q) for q in quotas]
+    for i in sorted(range(len(ks)), key=lambda i: (-(quotas[i] - ks[i]), i))[: k - sum(ks)]:
+        ks[i] += 1
+    return dict(zip(sizes, ks))
+
+
+def _reference_per_tensor(scores, k):
+    ks = _reference_split({n: s.numel() for n, s in scores.items()}, k)
+    out = {n: _reference_global({n: s}, ks[n]).get(n, []) for n, s in scores.items()}
+    return {n: idx for n, idx in out.items() if idx}
+
+
+def _score_dicts():
+    """Tensors of different sizes; values that tie a lot, a few ties among continuous values, and all equal."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"visual.conv1.weight": (3,), "visual.proj": (2, 5), "positional_embedding": (7,), "logit_scale": (1,),
+              "token_embedding.weight": (4, 3, 2)}
+    few_values = {n: torch.randint(1, 5, s, generator=g).float() for n, s in shapes.items()}
+    continuous = {n: torch.rand(s, generator=g) for n, s in shapes.items()}
+    for n in ("visual.proj", "positional_embedding", "token_embedding.weight"):
+        continuous[n].view(-1)[1] = 0.5  # a tie in the middle of the ranking, across tensors
+    constant = {n: torch.full(s, 2.0) for n, s in shapes.items()}
+    return {"few_values": few_values, "continuous": continuous, "constant": constant, "test_scores": _scores()}
+
+
+def _as_lists(mask):
+    return {n: idx.tolist() for n, idx in mask.items()}
+
+
+@pytest.mark.parametrize("scope", M.SCOPES)
+@pytest.mark.parametrize("case", list(_score_dicts()))
+def test_selection_is_exactly_the_top_k_of_its_scores(case, scope):
+    scores = _score_dicts()[case]
+    n = sum(s.numel() for s in scores.values())
+    reference = _reference_global if scope == "global" else _reference_per_tensor
+    for k in sorted({1, 2, n // 3, n // 2, n - 1, n}):
+        mask = M.select_topk(scores, k, scope)
+        assert sum(idx.numel() for idx in mask.values()) == k
+        assert all(idx.dtype == torch.long for idx in mask.values())
+        assert _as_lists(mask) == reference(scores, k), (case, scope, k)
+
+
+def _per_tensor_counts(sizes, k):
+    mask = M.select_topk({n: torch.ones(size) for n, size in sizes.items()}, k, "per_tensor")
+    return {n: int(mask[n].numel()) if n in mask else 0 for n in sizes}
+
+
+def test_per_tensor_split_is_the_largest_remainder_split():
+    sizes = {"a": 3, "b": 10, "c": 7, "d": 1, "e": 24}
+    for k in range(1, sum(sizes.values()) + 1):
+        assert _per_tensor_counts(sizes, k) == _reference_split(sizes, k), k
+
+
+def test_per_tensor_split_gives_equal_remainders_to_the_earlier_tensor():
+    """k / N = 0.1 exactly: remainders 0.8, 0, 0.6, 0.6. The two 0.6 are equal and the earlier tensor gets the
+    extra entry (in floating point, 6553.6 - 6553 > 409.6 - 409)."""
+    sizes = {"a": 48, "b": 1000, "c": 4096, "d": 65536}
+    assert _reference_split(sizes, 7068) == {"a": 5, "b": 100, "c": 410, "d": 6553}
+    assert _per_tensor_counts(sizes, 7068) == {"a": 5, "b": 100, "c": 410, "d": 6553}
 
 
 def test_ties_are_broken_towards_earlier_tensors_and_lower_indices():
@@ -40,20 +99,6 @@ def test_ties_are_broken_towards_earlier_tensors_and_lower_indices():
     constant = {"a": torch.ones(10), "b": torch.ones(10)}
     assert {n: i.tolist() for n, i in M.select_topk(constant, 12, "global").items()} == \
         {"a": list(range(10)), "b": [0, 1]}
-
-
-def test_per_tensor_scope_splits_k_by_size_and_sums_to_k():
-    scores = _scores()
-    for k in (1, 10, 33, 150):
-        mask = M.select_topk(scores, k, "per_tensor")
-        assert sum(i.numel() for i in mask.values()) == k
-        sizes = {n: s.numel() for n, s in scores.items()}
-        for n, s in scores.items():
-            got = mask.get(n, torch.empty(0, dtype=torch.long)).numel()
-            assert abs(got - k * sizes[n] / sum(sizes.values())) < 1
-            if got:  # the largest `got` entries of that tensor
-                assert torch.equal(s.flatten()[mask[n]].sort().values,
-                                   s.flatten().sort(descending=True).values[:got].sort().values)
 
 
 def test_num_selected_rounds_and_rejects_impossible_sparsity():
@@ -90,20 +135,85 @@ def test_score_choice_changes_the_mask():
     assert masks == {"abs_sum": [3], "sum_abs": [2], "fisher": [2]}
 
 
-def test_random_mask_is_deterministic_per_seed_and_uniform():
+RANDOM_SEEDS = range(1000)  # fixed: the statistics below are deterministic, not flaky
+
+
+def _uniformity_failures(draw, shapes, k, seeds=RANDOM_SEEDS):
+    """Which checks of "``draw(seed)`` is a uniformly random k-subset" fail over ``seeds``:
+
+    - ``chi2``: X = sum_i (c_i - E)^2 / (S p (1 - p)) * (N - 1) / N over the N per-entry counts c_i (E = S p,
+      p = k / N) is ~ chi2 with N - 1 degrees of freedom under uniform k-subsets; both tails at 1e-4
+      (Wilson-Hilferty): too large = some entries favoured, too small = too regular to be random;
+    - ``entry``: some count more than 5 binomial sds from E (union bound over N entries: ~2e-4);
+    - ``tensor``: some tensor's share of the S k picks more than 5 sds (hypergeometric per draw) from
+      S k n_t / N."""
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    total, draws = sum(sizes.values()), len(seeds)
+    counts = torch.zeros(total, dtype=torch.float64)
+    for seed in seeds:
+        mask = draw(seed)
+        assert sum(idx.numel() for idx in mask.values()) == k
+        counts[M.flatten_mask(mask, sizes)] += 1
+    p = k / total
+    expected, var = draws * p, draws * p * (1 - p)
+    x = float(((counts - expected) ** 2).sum()) / var * (total - 1) / total
+    df = total - 1
+    low, high = (df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3 for z in (-3.72, 3.72))
+    failures = []
+    if not low < x < high:
+        failures.append("chi2")
+    if float((counts - expected).abs().max()) > 5 * math.sqrt(var):
+        failures.append("entry")
+    offset = 0
+    for size in sizes.values():
+        share = float(counts[offset:offset + size].sum())
+        offset += size
+        sd = math.sqrt(draws * k * size / total * (1 - size / total) * (total - k) / (total - 1))
+        if abs(share - draws * k * size / total) > 5 * sd:
+            failures.append("tensor")
+            break
+    return failures
+
+
+def test_random_mask_is_deterministic_per_seed():
     shapes = {n: s.shape for n, s in _scores().items()}
     a = M.select_topk(M.random_scores(shapes, seed=1), 30)
     b = M.select_topk(M.random_scores(shapes, seed=1), 30)
     c = M.select_topk(M.random_scores(shapes, seed=2), 30)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert any(n not in c or not torch.equal(a[n], c[n]) for n in a)
-    # Uniform: over many seeds each of the N entries is picked ~ 300 * 30 / N times.
-    sizes = {n: s.numel() for n, s in _scores().items()}
-    counts = torch.zeros(sum(sizes.values()))
-    for seed in range(300):
-        counts[M.flatten_mask(M.select_topk(M.random_scores(shapes, seed), 30), sizes)] += 1
-    assert counts.mean().item() == pytest.approx(300 * 30 / counts.numel())
-    assert counts.min() > 10 and counts.max() < 55
+    assert _as_lists(a) != _as_lists(c)
+
+
+def test_random_mask_is_uniform_over_entries_and_tensors():
+    shapes = {n: s.shape for n, s in _scores().items()}
+    assert _uniformity_failures(lambda seed: M.select_topk(M.random_scores(shapes, seed), 30), shapes, 30) == []
+
+
+def test_the_uniformity_checks_catch_biased_selectors():
+    """The same statistics, with the same seeds, reject selectors that are not uniform."""
+    shapes = {n: s.shape for n, s in _scores().items()}
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    total = sum(sizes.values())
+
+    def skewed(seed):  # u ** (1 + 0.3 x): an entry at the end is picked ~20% less often than one at the start
+        scores, offset = {}, 0
+        for n, s in M.random_scores(shapes, seed).items():
+            position = (torch.arange(s.numel()) + offset) / total
+            scores[n], offset = s.flatten() ** (1 + 0.3 * position), offset + s.numel()
+        return M.select_topk(scores, 30)
+
+    def first_tensor_first(seed):  # the first tensor's entries always outrank the others
+        scores = M.random_scores(shapes, seed)
+        first = next(iter(scores))
+        return M.select_topk({**scores, first: scores[first] + 1}, 30)
+
+    def round_robin(seed):  # every entry equally often, but in a fixed cycle: not random
+        flat = torch.sort((seed * 30 + torch.arange(30)) % total).values
+        return M.unflatten_mask(flat, sizes)
+
+    assert "chi2" in _uniformity_failures(skewed, shapes, 30)
+    assert {"chi2", "entry", "tensor"} <= set(_uniformity_failures(first_tensor_first, shapes, 30))
+    assert _uniformity_failures(round_robin, shapes, 30) == ["chi2"]
 
 
 def test_flatten_unflatten_round_trip():

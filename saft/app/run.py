@@ -24,6 +24,7 @@ from saft.delta import (apply_delta, compute_delta, load_delta, num_changed, sav
                         state_checksum)
 from saft.app.module import CLIPClassifier
 from saft.app.pretrain import resolve_pretrained
+from saft.app.progress import progress_bars
 from saft.app.results import ERROR, RESULTS, build_results, run_settings, write_json
 from saft.app.validate import output_dir, validate
 from saft.errors import ConfigError
@@ -91,6 +92,8 @@ def build(cfg: DictConfig):
 
 def make_trainer(cfg: DictConfig, callbacks) -> pl.Trainer:
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [*callbacks, *progress_bars()]
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                    default_root_dir=str(output_dir()))
 

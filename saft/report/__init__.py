@@ -1,0 +1,1 @@
+"""Reporting: tables and pictures from finished runs' ``results.json`` (``python -m saft.report``)."""

@@ -1,0 +1,3 @@
+from saft.report.tables import main
+
+main()

@@ -1,0 +1,61 @@
+"""Pictures from finished runs: ID-vs-OOD trade-off per configuration, and where the SAFT mask lands."""
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+TOWER_COLOURS = {"image": "tab:blue", "text": "tab:orange", "logit_scale": "tab:grey"}
+
+
+def _mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def plot_id_vs_ood(curves: Dict[str, Sequence[Sequence[Tuple[float, float]]]],
+                   zeroshot: Optional[Tuple[float, float]], path: Path) -> None:
+    """One curve per configuration (label -> its points, each point the (ID, OOD mean) of every seed), error
+    bars over seeds, and the zero-shot model every run started from as a star."""
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for label, points in curves.items():
+        stats = sorted((_mean_std([p[0] for p in seeds]), _mean_std([p[1] for p in seeds])) for seeds in points)
+        ax.errorbar([x for (x, _), _ in stats], [y for _, (y, _) in stats], xerr=[sx for (_, sx), _ in stats],
+                    yerr=[sy for _, (_, sy) in stats], marker="o", capsize=3, label=label)
+    if zeroshot is not None:
+        ax.plot(*zeroshot, "k*", markersize=12, label="zero-shot")
+    ax.set_xlabel("ID top-1 (%)")
+    ax.set_ylabel("OOD mean top-1 (%)")
+    ax.set_title("ID vs OOD accuracy (mean ± std over seeds)")
+    if curves or zeroshot is not None:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_mask_blocks(runs: Sequence[dict], path: Path) -> None:
+    """Selected entries per block, averaged over the masked runs, coloured by tower."""
+    per_block = defaultdict(list)
+    masked = [r for r in runs if r.get("mask")]
+    for r in masked:
+        for key, count in r["mask"].items():
+            if key.startswith("mask/block/"):
+                per_block[key[len("mask/block/"):]].append(count)
+    blocks = sorted(per_block, key=lambda b: (not b.startswith("visual"), b))
+    means = [sum(per_block[b]) / len(masked) for b in blocks]
+    colours = [TOWER_COLOURS["image" if b.startswith("visual") else "logit_scale" if b == "logit_scale" else "text"]
+               for b in blocks]
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(blocks)), 4.5))
+    ax.bar(range(len(blocks)), means, color=colours)
+    ax.set_xticks(range(len(blocks)), blocks, rotation=90, fontsize=7)
+    ax.set_ylabel("selected entries (mean over runs)")
+    ax.set_title(f"Selected entries per block (mean of {len(masked)} masked runs)")
+    ax.legend(handles=[Patch(color=c, label=t) for t, c in TOWER_COLOURS.items() if t != "logit_scale"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
