@@ -167,6 +167,13 @@ def comparison_table(results: dict) -> str:
             ood = [metrics[s]["top1"] for s in results["ood"]]
             mean = f"{sum(ood) / len(ood):.2f}" if ood else "-"
             rows.append(f"| {label} | " + " | ".join(f"{metrics[s]['top1']:.2f}" for s in sets) + f" | {mean} |")
+    before = results.get("zeroshot_metrics")
+    if before and results["ood"]:
+        id_gain = results["metrics"][results["id"]]["top1"] - before[results["id"]]["top1"]
+        ood = [results["metrics"][s]["top1"] - before[s]["top1"] for s in results["ood"]]
+        rows.append(f"\n{results['method']} changed {results['num_changed']:,} of {results['num_params']:,} entries: "
+                    f"ID {id_gain:+.2f}, OOD mean {sum(ood) / len(ood):+.2f} points against zero-shot. "
+                    f"How to read this: docs/cpu-benchmark.md")
     return "\n".join(rows)
 
 
