@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from saft.errors import ConfigError
 from saft.app.results import write_json
@@ -61,28 +61,37 @@ def base_new_split(eval_set: EvalSet) -> List[EvalSet]:
             EvalSet("new", new, eval_set.classnames[m:], eval_set.templates, eval_set.load)]
 
 
-class EpochSeededSampler(Sampler):
+class EpochSeededSampler(DistributedSampler):
     """Yields ``(index, augmentation seed)`` pairs: a permutation per epoch and a seed per sample, both
     drawn from (seed, epoch) alone, so a resumed run sees the same images with the same random crops as
-    an uninterrupted one (Lightning calls ``set_epoch``). ``resume_at=(epoch, n)`` skips the first n
-    samples of that epoch, the ones trained before the checkpoint."""
+    an uninterrupted one (Lightning calls ``set_epoch``).
 
-    def __init__(self, n: int, seed: int, resume_at: Tuple[int, int] = (-1, 0)):
-        self.n, self.seed, self.epoch, self.resume_at = n, seed, 0, resume_at
+    Under DDP it shards by rank itself, as ``DistributedSampler`` does (a subclass, so Lightning does not
+    wrap it in its ``DistributedSamplerWrapper``): the epoch's permutation is padded to a multiple of the
+    world size by repeating its start, and rank r takes positions r, r + world, ... Under one process that
+    is the permutation itself. ``resume_at=(epoch, n)`` skips the first n items of this rank's share of
+    that epoch (the ones trained before the checkpoint), once. ``len()`` stays the full share: Lightning
+    counts the epoch's batches from it and, on a mid-epoch resume, starts its count at the batches done.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 resume_at: Tuple[int, int] = (-1, 0)):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.n, self.resume_at = n, resume_at
 
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
+    def epoch_pairs(self) -> List[Tuple[int, int]]:
+        """All ranks' pairs of the current epoch: the permutation padded to ``total_size``."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         pairs = list(zip(torch.randperm(self.n, generator=gen).tolist(),
                          torch.randint(0, 2**62, (self.n,), generator=gen).tolist()))
+        padding = self.total_size - self.n
+        return pairs + (pairs * math.ceil(padding / self.n))[:padding] if padding else pairs
+
+    def __iter__(self):
+        share = self.epoch_pairs()[self.rank:self.total_size:self.num_replicas]
         if self.epoch == self.resume_at[0]:
-            pairs, self.resume_at = pairs[self.resume_at[1]:], (-1, 0)
-        return iter(pairs)
+            share, self.resume_at = share[self.resume_at[1]:], (-1, 0)
+        return iter(share)
 
 
 class ImageItems(Dataset):
@@ -169,7 +178,7 @@ class FewShotDataModule(pl.LightningDataModule):
         self._split: Optional[Dict[str, List[Item]]] = None
         self._eval_sets: Optional[List[EvalSet]] = None
         self._extra_sets: List[EvalSet] = []
-        self._trained = self._resume_at = (-1, 0)  # (epoch, batches of it trained)
+        self._resume_at: Optional[Dict[str, int]] = None  # the checkpoint's position in the data
 
     # --- dataset -----------------------------------------------------------------------------------
     def check(self) -> None:
@@ -271,37 +280,67 @@ class FewShotDataModule(pl.LightningDataModule):
         """Write the drawn items so the run can be repeated exactly (``split_file=<path>``)."""
         write_json(path, {k: [list(i) for i in v] for k, v in self.split.items()})
 
-    def _loader(self, items, transform, batch_size, shuffle=False, shard=False, load=None):
+    def _loader(self, items, transform, batch_size, shard=False, load=None, sampler=None):
         data = ImageItems(items, load or self.load_image, transform)
         world = self.trainer.world_size if shard and self.trainer else 1
         if world > 1:
             sampler = UnrepeatedDistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank,
                                                    shuffle=False)
-        else:
-            sampler = EpochSeededSampler(len(data), self.seed) if shuffle else None
         return DataLoader(data, batch_size=batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
+    def _world(self) -> Tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+
     def train_dataloader(self):
-        loader = self._loader(self.split["train"], self.train_transform, self.batch_size, shuffle=True)
-        epoch, batches = self._resume_at
-        if isinstance(loader.sampler, EpochSeededSampler) and batches:
-            loader.sampler.resume_at = (epoch, batches * self.batch_size)
-        return loader
+        """The training set in :class:`EpochSeededSampler` order, this rank's share; after a mid-epoch
+        resume, without the samples this rank trained on before the checkpoint."""
+        world, rank = self._world()
+        sampler = EpochSeededSampler(len(self.split["train"]), self.seed, world, rank)
+        if self._resume_at is not None:
+            self._resume_from(sampler, **self._resume_at)
+            self._resume_at = None
+        return self._loader(self.split["train"], self.train_transform, self.batch_size, sampler=sampler)
 
-    # Mid-epoch resume: the checkpoint records how many batches of the current epoch reached
-    # training_step (Lightning prefetches, so the loader itself has always read one more).
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer is not None and self.trainer.training:
-            epoch = self.trainer.current_epoch
-            self._trained = (epoch, self._trained[1] + 1 if self._trained[0] == epoch else 1)
-        return batch
+    def _resume_from(self, sampler: EpochSeededSampler, epoch: int, batches: int,
+                     world_size: Optional[int] = None, batch_size: Optional[int] = None) -> None:
+        # The epoch is set here too, not only by Lightning's set_epoch: with DataLoader workers the sampler
+        # is iterated when Lightning creates the loader's iterator, before its set_epoch, and on a resume
+        # Lightning keeps that iterator for the epoch it resumes.
+        if epoch < 0:
+            return
+        if batches * self.batch_size >= len(sampler):  # the epoch was complete: the next one starts afresh
+            sampler.set_epoch(epoch + 1)
+            return
+        ran_with = (world_size, batch_size)
+        if batches and world_size is not None and ran_with != (sampler.num_replicas, self.batch_size):
+            raise ConfigError(f"the checkpoint stopped inside an epoch with {world_size} process(es) x batch_size="
+                              f"{batch_size}; this run has {sampler.num_replicas} x {self.batch_size}, so the "
+                              f"samples trained before it cannot be skipped. Resume with the run's own "
+                              f"trainer.devices / num_nodes and batch_size, or from a checkpoint at an epoch end")
+        sampler.set_epoch(epoch)
+        sampler.resume_at = (epoch, batches * self.batch_size)
 
+    # Mid-epoch resume. Lightning restores its loops from the checkpoint and, on a resume inside an epoch,
+    # sets the sampler's epoch to it and counts that epoch's batches from those done; the sampler must skip
+    # exactly those samples. Both come from Lightning's own counters, read when the checkpoint is written:
+    # ``current_epoch`` (the fit loop's completed epochs) and the epoch loop's ``batch_progress.current
+    # .processed`` (the batches of this epoch that training_step has run on, on this rank). No transfer hook
+    # counts batches: ``batch_to_device`` also moves batches that are not trained (the mask's scoring pass).
+    # At ModelCheckpoint's saves in ``on_train_batch_end`` and ``on_validation_end`` they are (e, b) of the
+    # running epoch; at ``on_train_epoch_end`` (e, all batches); after fit has returned, ``current_epoch``
+    # has already moved past the last epoch, but no training follows such a checkpoint (max_steps or
+    # max_epochs is reached; another length is refused), so its position is never used.
     def state_dict(self):
-        return {"epoch": self._trained[0], "batches": self._trained[1]}
+        if self.trainer is None:
+            return {}
+        world, _ = self._world()
+        return {"epoch": self.trainer.current_epoch,
+                "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                "world_size": world, "batch_size": self.batch_size}
 
     def load_state_dict(self, state) -> None:
-        self._trained = self._resume_at = (state["epoch"], state["batches"])
+        self._resume_at = dict(state) if state else None
 
     def mask_dataloader(self, rank: int = 0, world_size: int = 1):
         """The whole training set with evaluation transforms, in a fixed order, this rank's share."""

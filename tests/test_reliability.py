@@ -1,10 +1,5 @@
-"""Runs that survive kills, and files that are safe to load."""
-import os
+"""Checkpoint writes that survive kills, and files that are safe to load (kill and resume: test_resume.py)."""
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 from pathlib import Path
 
@@ -12,36 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, checkpoint, ckpt_params, read_results, run_script
+from conftest import checkpoint, run_script
 from layouts import make_coop
 from saft.app.checkpoint_io import AtomicCheckpointIO
-
-ARGS = ["model=tiny", "dataset=synthetic", "shots=4", "batch_size=8", "dataset.datamodule.test_per_class=5", "trainer.max_steps=60", "trainer.enable_progress_bar=false",
-        "checkpoint.every_n_train_steps=1", "sparsity=0.01", "method.optimizer.lr=0.01"]
-
-
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    run_script("train.py", [*ARGS, f"hydra.run.dir={tmp_path / 'whole'}"])
-    killed = tmp_path / "killed"
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *ARGS, f"hydra.run.dir={killed}"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step_000013.ckpt").exists():  # 3 steps per epoch: mid-epoch
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "results.json").exists()
-    step_at_kill = checkpoint(killed)["global_step"]
-    assert 12 <= step_at_kill < 60  # last.ckpt is written just after step_000013.ckpt
-    # The same command again resumes by itself (what a SLURM requeue does); ckpt_path=last says it explicitly.
-    proc = run_script("train.py", [*ARGS, f"hydra.run.dir={killed}"])
-    assert "resuming the interrupted run from" in proc.stdout + proc.stderr
-    whole, resumed = checkpoint(tmp_path / "whole"), checkpoint(killed)
-    assert resumed["global_step"] == whole["global_step"] == 60
-    assert all(torch.equal(ckpt_params(whole)[n], ckpt_params(resumed)[n]) for n in ckpt_params(whole))
-    assert read_results(killed)["metrics"] == read_results(tmp_path / "whole")["metrics"]
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):

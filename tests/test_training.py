@@ -1,12 +1,11 @@
-"""Training through the real configs, in-process: the frozen invariant, methods, determinism, resume."""
+"""Training through the real configs, in-process: the frozen invariant, methods, determinism (resume: test_resume.py)."""
 import csv
 
 import pytest
 import torch
 
-from conftest import FAST, changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg, read_results
+from conftest import FAST, changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg
 from saft.app import run
-from saft.callback import SparseMaskCallback
 from saft.errors import ConfigError
 from saft.select import gradient_sums
 
@@ -128,39 +127,7 @@ def test_mask_statistics_are_logged(tmp_path):
     assert any(key.startswith("mask/block/visual.transformer.resblocks.") for key in logged)
 
 
-@pytest.mark.parametrize("resume_step", [3, 4, 8])
-def test_resume_restores_the_mask_and_finishes_identically(tmp_path, monkeypatch, resume_step):
-    """24 images, batch 8: 3 steps per epoch. Step 3 ends an epoch; 4 and 8 are mid-epoch."""
-    common = ["trainer.max_steps=9", "checkpoint.save_top_k=-1"]
-    _train(tmp_path, "full", common)
-    mid = tmp_path / "full" / "checkpoints" / f"step_{resume_step:06d}.ckpt"
-
-    def no_recompute(*args, **kwargs):
-        raise AssertionError("the mask was recomputed on resume")
-    monkeypatch.setattr(SparseMaskCallback, "_select", no_recompute)
-    _, resumed_results = _train(tmp_path, "resumed", common + [f"ckpt_path={mid}"])
-    full, resumed = checkpoint(tmp_path / "full", "last.ckpt"), checkpoint(tmp_path / "resumed", "last.ckpt")
-    assert resumed["global_step"] == full["global_step"] == 9
-    assert all(torch.equal(ckpt_masks(full)[n], ckpt_masks(resumed)[n]) for n in ckpt_masks(full))
-    final_full, final_resumed = ckpt_params(full), ckpt_params(resumed)
-    assert all(torch.equal(final_full[n], final_resumed[n]) for n in final_full)
-    assert resumed_results["metrics"] == read_results(tmp_path / "full")["metrics"]
-
-
-def test_resume_with_another_length_is_refused(tmp_path):
-    _train(tmp_path, "a", ["trainer.max_steps=3"])
-    with pytest.raises(ConfigError, match="resume with the run's own trainer settings"):
-        _train(tmp_path, "b", ["trainer.max_steps=6", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"])
-
-
 def test_gradient_accumulation_keeps_entries_frozen(tmp_path):
     cfg, results = _train(tmp_path, "acc", ["trainer.accumulate_grad_batches=2", "sparsity=0.01",
                                             "method.optimizer.lr=0.01", "trainer.max_steps=3"])
     _assert_frozen_outside_mask(cfg, tmp_path / "acc", results)
-
-
-def test_resume_with_other_mask_settings_is_refused(tmp_path):
-    _train(tmp_path, "a", ["trainer.max_steps=6", "checkpoint.save_top_k=-1"])
-    with pytest.raises(ConfigError, match="resume with the run's own config"):
-        _train(tmp_path, "b", ["trainer.max_steps=6", "sparsity=0.01",
-                               f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'step_000003.ckpt'}"])

@@ -7,11 +7,13 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import hydra
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -127,6 +129,10 @@ def train(cfg: DictConfig) -> dict:
         trainer.test(module, datamodule=datamodule, verbose=False)
         before = dict(module.results)
     if cfg.method.train:
+        # The datamodule skips the samples trained before a mid-epoch checkpoint (FewShotDataModule.state_dict),
+        # so Lightning's warning that a non-resumable loader makes such a resume unreliable does not apply.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
+                                category=PossibleUserWarning)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
         # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
         trainer.save_checkpoint(Path(cfg.checkpoint.dirpath) / "last.ckpt", weights_only=False)
