@@ -36,6 +36,21 @@ def compute_delta(base: Mapping[str, torch.Tensor], final: Mapping[str, torch.Te
     return delta
 
 
+def interpolate_delta(delta: Delta, base: Mapping[str, torch.Tensor], alpha: float) -> Delta:
+    """WiSE-FT (Wortsman et al., 2022) in weight space: base + alpha * (fine-tuned - base), as a delta over the
+    same entries. ``torch.lerp`` is exact at the ends: alpha=0 gives the base's bits, alpha=1 the delta's."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"wise_alpha={alpha} must be a number in [0, 1], e.g. wise_alpha=0.5")
+    out = {}
+    for name, (idx, val) in delta.items():
+        start = base[name].detach().reshape(-1)[idx.to(base[name].device)].to(val)
+        mixed = torch.lerp(start, val, alpha) if val.is_floating_point() else (val if alpha == 1 else start)
+        keep = _bits(mixed) != _bits(start)  # entries the blend leaves at their base value drop out
+        if keep.any():
+            out[name] = (idx[keep], mixed[keep])
+    return out
+
+
 def num_changed(delta: Delta) -> int:
     return sum(int(idx.numel()) for idx, _ in delta.values())
 

@@ -181,3 +181,19 @@ def test_missing_checkpoint_to_resume_from_is_named(tmp_path):
     proc = run_script("train.py", [*QUICK, f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'r'}"],
                       check=False)
     assert proc.returncode == 2 and "nope.ckpt is not a file" in proc.stderr
+
+
+def test_wise_ft_blends_a_run_with_its_base_exactly_at_the_ends(trained, tmp_path):
+    """alpha=1 is the run and alpha=0 the zero-shot model, bit for bit; in between only masked entries move."""
+    for alpha in ("1", "0", "0.5"):
+        run_script("eval.py", [f"run_dir={trained}", f"wise_alpha={alpha}", f"hydra.run.dir={tmp_path / alpha}"])
+    run, one, zero, half = (read_results(d) for d in (trained, tmp_path / "1", tmp_path / "0", tmp_path / "0.5"))
+    assert one["metrics"] == run["metrics"] and one["weights_sha256"] == run["weights_sha256"]
+    assert zero["metrics"] == run["zeroshot_metrics"] and zero["num_changed"] == 0
+    from saft.app.clip import load_clip
+    assert zero["weights_sha256"] == state_checksum(load_clip("saft-tiny", None, 0)[0].state_dict())
+    assert half["wise_alpha"] == 0.5 and half["weights_sha256"] not in (run["weights_sha256"], zero["weights_sha256"])
+    assert 0 < half["num_changed"] <= run["num_changed"]
+    proc = run_script("eval.py", [f"run_dir={trained}", "wise_alpha=1.5", f"hydra.run.dir={tmp_path / 'bad'}"],
+                      check=False)
+    assert proc.returncode == 2 and "wise_alpha=1.5 must be null or a number in [0, 1]" in proc.stderr

@@ -229,3 +229,27 @@ def test_the_core_imports_torch_and_safetensors_only():
             "'open_clip', 'torchmetrics', 'wandb'}; print(sorted({m.split('.')[0] for m in sys.modules} & heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_wise_interpolation_is_exact_at_the_ends_and_stays_on_the_delta_entries():
+    model, (x, y) = mlp(), data((6,))
+    base = {n: t.clone() for n, t in model.state_dict().items()}
+    mask = saft.select_mask(model, batches(x, y, 8), loss_fn, sparsity=0.1)
+    optimizer = saft.MaskedAdamW.from_mask(model, mask, lr=0.05)
+    for batch in batches(x, y, 8):
+        optimizer.zero_grad()
+        loss_fn(model, batch).mean().backward()
+        optimizer.step()
+    delta = saft.compute_delta(base, model.state_dict())
+    assert saft.interpolate_delta(delta, base, 0.0) == {}
+    one = saft.interpolate_delta(delta, base, 1.0)
+    assert all(torch.equal(one[n][0], delta[n][0]) and torch.equal(one[n][1], delta[n][1]) for n in delta)
+    half = saft.interpolate_delta(delta, base, 0.5)
+    for n, (idx, val) in half.items():
+        assert torch.isin(idx, delta[n][0]).all()
+        full = dict(zip(delta[n][0].tolist(), delta[n][1].tolist()))
+        start = base[n].reshape(-1)[idx]
+        expected = start + 0.5 * (torch.tensor([full[i] for i in idx.tolist()]) - start)
+        torch.testing.assert_close(val, expected)
+    with pytest.raises(ConfigError, match="wise_alpha=1.5"):
+        saft.interpolate_delta(delta, base, 1.5)

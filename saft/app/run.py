@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saft.app import CONF_DIR
 from saft.app.clip import load_clip
-from saft.delta import (apply_delta, compute_delta, load_delta, num_changed, save_delta,
+from saft.delta import (apply_delta, compute_delta, interpolate_delta, load_delta, num_changed, save_delta,
                         state_checksum)
 from saft.app.module import CLIPClassifier
 from saft.app.pretrain import resolve_pretrained
@@ -255,6 +255,8 @@ def evaluate(cfg: DictConfig) -> dict:
         if metadata.get("base_sha256") != state_checksum(module.model.state_dict()):
             raise ConfigError(f"{run_dir / DELTA} was made for another base model (checksum differs from "
                               f"{cfg.model.name} / {cfg.model.pretrained}); evaluate it with its own base")
+        if cfg.get("wise_alpha") is not None:
+            delta = interpolate_delta(delta, module.model.state_dict(), cfg.wise_alpha)
         apply_delta(module.model, delta)
         num_trainable = json.loads((run_dir / RESULTS).read_text())["num_trainable"]
         changed = num_changed(delta)
@@ -262,7 +264,7 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = None
     if trainer.is_global_zero:
-        extra = {"run_dir": str(run_dir)} if run_dir is not None else {}
+        extra = {"run_dir": str(run_dir), "wise_alpha": cfg.get("wise_alpha")} if run_dir is not None else {}
         results = _results(cfg, module, datamodule, num_trainable, changed, extra)
         write_json(output_dir() / RESULTS, results)
     finish(trainer)

@@ -184,6 +184,7 @@ TOP = (  # top-level keys, in the order they are checked (lr_scale before the lr
     Rule("data_dir", STRING, "data"),
     Rule("experiment_name", STRING, "adhoc"),
     Rule("run_dir", either(NULL, DIR), "<a finished training run's output dir>"),
+    Rule("wise_alpha", either(NULL, number("[0, 1]")), "0.5"),
 )
 RULES = TOP + (
     Rule("trainer._target_", importable, "pytorch_lightning.Trainer"),
