@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from saft.delta import state_checksum
 from saft.errors import ConfigError
-from saft.mask import (SCOPES, SCORES, Mask, flatten_mask, mask_stats, num_selected, random_scores, select_topk,
-                       unflatten_mask)
+from saft.mask import (SCOPES, SCORES, Mask, check_patterns, check_sparsity, flatten_mask, mask_stats, num_selected,
+                       random_scores, select_topk, unflatten_mask)
 from saft.optim import MaskedAdamW
 from saft.select import eligible_parameters, select_mask
 
@@ -49,8 +49,8 @@ class SparseMaskCallback(pl.Callback):
                                     (scope, SCOPES, "scope")):
             if value not in allowed:
                 raise ConfigError(f"method.mask.{key}={value!r} is not one of {allowed}")
-        if not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
-            raise ConfigError(f"sparsity={sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
+        check_sparsity(sparsity)
+        check_patterns(include, exclude)
         self.sparsity, self.selection, self.score, self.scope = float(sparsity), selection, score, scope
         self.include, self.exclude, self.seed, self.model_attr = list(include), list(exclude), seed, model_attr
         self.masks: Optional[Mask] = None

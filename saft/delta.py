@@ -117,6 +117,9 @@ def apply_delta(model: torch.nn.Module, delta: Delta, base_sha256: Optional[str]
                               f"another base model")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= tensors[name].numel()):
             raise ConfigError(f"the delta indexes outside {name!r}: it was made for another base model")
+        if not tensors[name].is_contiguous():
+            raise ConfigError(f"{name!r} is not contiguous in memory (channels_last?); apply the delta before "
+                              f"changing the model's memory format")
         if val.dtype != tensors[name].dtype:
             raise ConfigError(f"the delta holds {val.dtype} values for {name!r}, which is {tensors[name].dtype}")
     with torch.no_grad():

@@ -4,6 +4,7 @@ No Lightning here. A mask is a dict ``{param_name: LongTensor}`` of sorted flat 
 parameter, holding only parameters with at least one selected entry.
 """
 import math
+import numbers
 import re
 import warnings
 from collections import Counter
@@ -38,6 +39,14 @@ def block_of(name: str) -> str:
     return re.sub(r"\.(weight|bias)$", "", name)
 
 
+def check_patterns(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
+    for pattern in [*include, *exclude]:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"mask include/exclude pattern {pattern!r} is not a Python regex: {e}") from None
+
+
 def is_eligible(name: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
     """Matches an ``include`` regex (when any are given) and no ``exclude`` regex."""
     if include and not any(re.search(p, name) for p in include):
@@ -68,10 +77,14 @@ def finalize_scores(scores: Scores, score: str) -> Scores:
     return {n: s.abs_() if score == "abs_sum" else s for n, s in scores.items()}
 
 
+def check_sparsity(sparsity) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 < sparsity <= 1.0:
+        raise ConfigError(f"sparsity={sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
+
+
 def num_selected(sparsity: float, n_eligible: int) -> int:
     """k = round(sparsity * N), the exact number of entries a mask holds (at least 1)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < sparsity <= 1.0:
-        raise ConfigError(f"sparsity={sparsity!r} must be a number in (0, 1], e.g. sparsity=0.001")
+    check_sparsity(sparsity)
     k = int(round(sparsity * n_eligible))
     if k < 1:
         # round() takes halves to even, so 0.5 / N would still select nothing; 1 / N selects one entry.

@@ -8,6 +8,8 @@ from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 
+from saft.errors import ConfigError
+
 
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) restricted to masked entries.
@@ -44,6 +46,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         if any(p not in own for p in masks):
             raise ValueError("a masked parameter is not in this optimizer's parameter groups "
                              "(is its tower frozen?)")
+        if any(not p.is_contiguous() for p in masks):
+            raise ConfigError("a masked parameter is not contiguous in memory (channels_last?): mask indices are "
+                              "flat row-major positions; call model.to(memory_format=torch.contiguous_format)")
         self.masks = {p: idx.to(p.device) for p, idx in masks.items()}
 
     @torch.no_grad()

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from saft.errors import ConfigError
-from saft.mask import SCORES, Mask, Scores, accumulate_scores, finalize_scores, is_eligible, num_selected, select_topk
+from saft.mask import (SCORES, Mask, Scores, accumulate_scores, check_patterns, finalize_scores, is_eligible,
+                       num_selected, select_topk)
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -36,13 +37,26 @@ def _example(batch, i: int):
     return batch
 
 
+def _leaves(batch):
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            yield from _leaves(v)
+    elif isinstance(batch, (tuple, list)):
+        for v in batch:
+            yield from _leaves(v)
+    else:
+        yield batch
+
+
 def _batch_size(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return len(batch)
-    for value in (batch.values() if isinstance(batch, Mapping) else batch):
-        if isinstance(value, (torch.Tensor, Mapping, tuple, list)):
-            return _batch_size(value)
-    raise ConfigError("a scoring batch holds no tensor to count examples in")
+    """Examples in a batch, for the per-example scores: every leaf must be a tensor cut along dim 0."""
+    leaves = list(_leaves(batch))
+    other = next((x for x in leaves if not isinstance(x, torch.Tensor)), None)
+    if other is not None or not leaves:
+        raise ConfigError(f"per-example scores (sum_abs, fisher) cut batches into examples, so a batch must be "
+                          f"tensors (in tuples, lists or dicts); it holds {type(other).__name__}. Use abs_sum, or "
+                          f"turn that field into a tensor")
+    return len(leaves[0])
 
 
 def _per_example_losses(loss_fn: LossFn, model: nn.Module, batch) -> torch.Tensor:
@@ -67,8 +81,10 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     modes = {m: m.training for m in model.modules()}
     model.eval()
+    seen = 0
     try:
         for batch in batches:
+            seen += 1
             if score == "abs_sum":
                 units = [_per_example_losses(loss_fn, model, batch).sum()]
             else:
@@ -80,6 +96,8 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
     finally:
         for m, training in modes.items():
             m.train(training)
+    if not seen:
+        raise ConfigError("the scoring batches held no example: give select_mask the training data")
     return sums
 
 
@@ -94,6 +112,7 @@ def select_mask(model: nn.Module, batches: Iterable, loss_fn: LossFn, sparsity: 
     ``all_reduce`` sums a tensor in place across processes (e.g. ``torch.distributed.all_reduce``), for
     data sharded over ranks. Returns ``{name: sorted LongTensor of flat indices}``, exactly k entries in all.
     """
+    check_patterns(include, exclude)
     params = eligible_parameters(model, include, exclude)
     if not params:
         raise ConfigError("no parameter is eligible for the mask: none requires grad and matches "

@@ -253,3 +253,23 @@ def test_wise_interpolation_is_exact_at_the_ends_and_stays_on_the_delta_entries(
         torch.testing.assert_close(val, expected)
     with pytest.raises(ConfigError, match="wise_alpha=1.5"):
         saft.interpolate_delta(delta, base, 1.5)
+
+
+def test_odd_inputs_get_one_clear_error():
+    model, (x, y) = mlp(), data((6,))
+    with pytest.raises(ConfigError, match="held no example"):
+        saft.select_mask(model, [], loss_fn, sparsity=0.1)
+    strings = [((x[:4], ["a", "b", "c", "d"]), y[:4])]
+    with pytest.raises(ConfigError, match="it holds list|it holds str"):
+        saft.select_mask(model, strings, lambda m, b: loss_fn(m, (b[0][0], b[1])), sparsity=0.1, score="fisher")
+    with pytest.raises(ConfigError, match="not a Python regex"):
+        saft.select_mask(model, batches(x, y, 8), loss_fn, sparsity=0.1, include=["("])
+    strided = mlp()  # the same values in a column-major layout, as channels_last gives conv weights
+    strided[0].weight = nn.Parameter(strided[0].weight.detach().t().contiguous().t())
+    mask = saft.select_mask(strided, batches(x, y, 8), loss_fn, sparsity=0.1, include=[r"^0\.weight"])
+    with pytest.raises(ConfigError, match="not contiguous"):
+        saft.MaskedAdamW.from_mask(strided, mask, lr=1e-3)
+    with pytest.raises(ConfigError, match="not contiguous"):
+        saft.apply_delta(strided, {"0.weight": (torch.tensor([0]), torch.tensor([1.0]))})
+    with pytest.raises(ConfigError, match="sparsity=True"):
+        saft.select_mask(model, batches(x, y, 8), loss_fn, sparsity=True)

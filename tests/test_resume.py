@@ -149,15 +149,17 @@ def test_requeue_after_max_steps_reports_the_trained_model(tmp_path, method):
     assert read_results(requeued)["num_changed"] == finished["num_changed"]
 
 
-def test_resume_with_another_length_is_refused(reference, tmp_path):
-    with pytest.raises(ConfigError, match="resume with the run's own trainer settings"):
-        _train(tmp_path / "b", METHODS["saft"] + ["trainer.max_steps=6", f"ckpt_path={_step(reference('saft'), 3)}"])
-
-
-def test_resume_with_other_mask_settings_is_refused(reference, tmp_path):
-    with pytest.raises(ConfigError, match="resume with the run's own config"):
-        _train(tmp_path / "b", ["sparsity=0.02", "method.optimizer.lr=0.01",
-                                f"ckpt_path={_step(reference('saft'), 3)}"])
+@pytest.mark.parametrize("change, named", [
+    (["trainer.max_steps=6"], "max_steps"), (["sparsity=0.02"], "sparsity"), (["method.mask.score=fisher"], "mask_score"),
+    (["method.optimizer.lr=0.05"], "lr"), (["shots=3"], "shots"), (["seed=2"], "seed"),
+    (["method.optimizer.weight_decay=0.3"], "optimizer"), (["dataset.datamodule.image_size=48"], "datamodule")])
+def test_resume_with_other_settings_is_refused_before_anything_is_written(reference, tmp_path, change, named):
+    """Resumed with another lr or shots, a run would finish with the checkpoint's training and results.json
+    would carry the new settings: silently wrong labels."""
+    base = [o for o in METHODS["saft"] if not o.startswith(tuple(c.split("=")[0] + "=" for c in change))]
+    with pytest.raises(ConfigError, match=rf"was trained with .*{named}.*resume with the run's own config"):
+        _train(tmp_path / "b", base + change + [f"ckpt_path={_step(reference('saft'), 3)}"])
+    assert not (tmp_path / "b" / "split.json").exists() and not (tmp_path / "b" / "checkpoints").exists()
 
 
 def test_resume_inside_an_epoch_with_another_batch_size_is_refused(reference, tmp_path):

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import CONF, FAST, compose_cfg, run_script
@@ -145,6 +146,19 @@ def test_good_values_pass(tmp_path, overrides):
     validate(_compose(tmp_path, overrides))
 
 
+@pytest.mark.parametrize("overrides", [["trainer.devices=-1"], ["trainer.devices=[0,1]"], ["trainer.max_epochs=-1"],
+                                       ["checkpoint.every_n_train_steps=null"]])
+def test_values_lightning_accepts_pass(tmp_path, overrides):
+    validate(_compose(tmp_path, overrides))
+
+
+def test_a_gpu_accelerator_without_a_gpu_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for accelerator in ("gpu", "cuda"):
+        with pytest.raises(ConfigError, match=f"^trainer.accelerator='{accelerator}' must be available"):
+            validate(_compose(tmp_path, [f"trainer.accelerator={accelerator}"]))
+
+
 def _options(group):
     return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
 
@@ -155,13 +169,16 @@ CHOICES = [f"{g}={o}" for g in ("method", "model", "dataset", "trainer", "logger
 
 @pytest.mark.parametrize("config_name", ["train", "eval"])
 @pytest.mark.parametrize("choice", CHOICES)
-def test_every_config_option_passes(tmp_path, choice, config_name):
-    """The rules accept the project's own configs (validate reads no data, so ImageNet/CoOp need no files)."""
+def test_every_config_option_passes(tmp_path, monkeypatch, choice, config_name):
+    """The rules accept the project's own configs (validate reads no data, so ImageNet/CoOp need no files;
+    the GPU configs are checked as on a machine with a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     validate(compose_cfg(tmp_path, [choice], config_name))
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
-def test_every_sweep_point_of_an_experiment_passes(tmp_path, experiment):
+def test_every_sweep_point_of_an_experiment_passes(tmp_path, monkeypatch, experiment):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the paper's experiments run on GPUs
     params = compose_cfg(tmp_path, [f"experiment={experiment}"]).hydra.sweeper.params
     parser = OverridesParser.create()
     for key, values in params.items():

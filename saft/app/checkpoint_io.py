@@ -1,4 +1,5 @@
 """Checkpoints written atomically and read without executing pickled code."""
+import contextlib
 import os
 import pickle
 from pathlib import Path
@@ -23,9 +24,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(f.fileno())
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=True):
-        try:
+        with _readable(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-            raise ConfigError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}. It is truncated, "
-                              f"corrupt, or holds pickled objects that safe (weights-only) loading refuses; "
-                              f"use a checkpoint written by this project") from None
+
+
+@contextlib.contextmanager
+def _readable(path):
+    try:
+        yield
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ConfigError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}. It is truncated, "
+                          f"corrupt, or holds pickled objects that safe (weights-only) loading refuses; "
+                          f"use a checkpoint written by this project") from None
+
+
+def checkpoint_entry(path, key: str):
+    """One top-level entry of a checkpoint, read without loading its tensors (memory-mapped)."""
+    with _readable(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)

@@ -15,7 +15,6 @@ from saft.mask import tower_of
 from saft.optim import warmup_cosine
 
 
-
 class CLIPClassifier(pl.LightningModule):
     """Wraps any open_clip model. Logits = exp(logit_scale) * cos(image, class text), the scale clamped
     at ln(100) in the forward (so the stored parameter is never rewritten outside an optimizer step).
@@ -24,16 +23,18 @@ class CLIPClassifier(pl.LightningModule):
     trains, so gradients reach the text tower (cost: one text forward and backward over
     n_classes x len(datamodule.train_templates()) prompts per step). Heads that need no gradient (evaluation,
     and training with the text tower frozen) are cached, keyed by the version counters of the text tower's
-    tensors: any in-place write (an optimizer step, a checkpoint restore, a delta applied) rebuilds them.
+    tensors: any in-place write through torch (an optimizer step, a checkpoint restore, a delta applied) rebuilds
+    them; a write through ``.data`` bypasses the counters and would not.
     BatchNorm layers (ResNet CLIPs) stay in eval mode: few-shot batches are too small to estimate their
     statistics, and running statistics that drift would change the model outside any mask.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Callable, optimizer: Optional[Callable] = None,
-                 towers: Sequence[str] = ("image", "text"), warmup_fraction: float = 0.1, schedule: str = "cosine"):
+                 towers: Sequence[str] = ("image", "text"), warmup_fraction: float = 0.1, schedule: str = "cosine",
+                 run_settings: Optional[dict] = None):
         super().__init__()
         self.model, self.tokenizer, self.optimizer_factory = model, tokenizer, optimizer
-        self.warmup_fraction, self.schedule = warmup_fraction, schedule
+        self.warmup_fraction, self.schedule, self.run_settings = warmup_fraction, schedule, run_settings
         # Decided here, before any DDP wrap: DDP fixes the set of parameters that need gradients.
         for name, p in self.model.named_parameters():
             p.requires_grad_(optimizer is not None and tower_of(name) in towers)
@@ -53,6 +54,7 @@ class CLIPClassifier(pl.LightningModule):
                                        for s in self.eval_sets})
         self.test_n = nn.ModuleDict({s.name: SumMetric() for s in self.eval_sets})
         self.val_acc = MulticlassAccuracy(len(self.classnames), average="micro")
+        self._heads.clear()  # heads belong to the class names and templates they were built from
 
     def _text_tensors(self):
         return [t for name, t in self.model.state_dict(keep_vars=True).items() if tower_of(name) == "text"]
@@ -133,19 +135,9 @@ class CLIPClassifier(pl.LightningModule):
         self.log_dict({f"test/{n}/top1": r["top1"] for n, r in self.results.items()}, sync_dist=True)
 
     # --- checkpoints -------------------------------------------------------------------------------
-    def _schedule_settings(self):
-        t = self.trainer
-        return {"max_steps": t.max_steps, "max_epochs": t.max_epochs, "accumulate": t.accumulate_grad_batches}
-
     def on_save_checkpoint(self, checkpoint) -> None:
-        checkpoint["saft_schedule"] = self._schedule_settings()
-
-    def on_load_checkpoint(self, checkpoint) -> None:
-        # The LR schedule was built for the run's length; another length cannot continue it.
-        saved = checkpoint.get("saft_schedule")
-        if saved is not None and saved != self._schedule_settings():
-            raise ConfigError(f"the checkpoint was trained with {saved}, this run asks for "
-                              f"{self._schedule_settings()}; resume with the run's own trainer settings")
+        # Read back before a resume (saft.app.run.check_resume): another config cannot continue this training.
+        checkpoint["saft_run"] = self.run_settings
 
     # --- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):

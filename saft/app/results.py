@@ -21,6 +21,25 @@ def run_settings(cfg) -> Dict:
             "mask_include": list(mask.get("include") or []), "mask_exclude": list(mask.get("exclude") or [])}
 
 
+# Data options that do not change what is trained: where the files are, how they are loaded.
+_NOT_TRAINING = ("data_dir", "root", "variant_dirs", "num_workers", "eval_batch_size", "download", "batch_size")
+
+
+def resume_settings(cfg) -> Dict:
+    """What a checkpoint must have been trained with for a resume to continue the same training: the run's
+    settings, the optimizer, the schedule, the training length and the data (``batch_size`` is checked by the
+    datamodule, which can resume from an epoch end with another)."""
+    from omegaconf import OmegaConf
+    method, trainer = cfg.method, cfg.trainer
+    datamodule = OmegaConf.to_container(cfg.dataset.datamodule, resolve=True)
+    return {**run_settings(cfg), "split_file": cfg.get("split_file"),
+            "optimizer": OmegaConf.to_container(method.optimizer, resolve=True) if method.get("optimizer") else None,
+            "schedule": method.get("schedule"), "warmup_fraction": method.get("warmup_fraction"),
+            "max_steps": trainer.get("max_steps"), "max_epochs": trainer.get("max_epochs"),
+            "accumulate_grad_batches": trainer.get("accumulate_grad_batches"),
+            "datamodule": {k: v for k, v in datamodule.items() if k not in _NOT_TRAINING}}
+
+
 def build_results(settings: Mapping, *, num_params: int, num_trainable: int, num_changed: int,
                   metrics: Mapping[str, Mapping[str, float]], id_name: str, ood: List[str],
                   extra: Optional[Dict] = None) -> Dict:

@@ -27,7 +27,8 @@ from saft.delta import (apply_delta, compute_delta, interpolate_delta, load_delt
 from saft.app.module import CLIPClassifier
 from saft.app.pretrain import resolve_pretrained
 from saft.app.progress import progress_bars
-from saft.app.results import ERROR, RESULTS, build_results, run_settings, write_json
+from saft.app.checkpoint_io import checkpoint_entry
+from saft.app.results import ERROR, RESULTS, build_results, resume_settings, run_settings, write_json
 from saft.app.validate import output_dir, validate
 from saft.errors import ConfigError
 
@@ -88,7 +89,8 @@ def build(cfg: DictConfig):
     method = cfg.method
     optimizer = hydra.utils.instantiate(method.optimizer) if method.train else None
     module = CLIPClassifier(model, tokenizer, optimizer, towers=list(method.towers),
-                            warmup_fraction=method.warmup_fraction, schedule=method.schedule)
+                            warmup_fraction=method.warmup_fraction, schedule=method.schedule,
+                            run_settings=resume_settings(cfg))
     return datamodule, module
 
 
@@ -112,8 +114,25 @@ def finish(trainer: pl.Trainer) -> None:
         wandb.finish()
 
 
+def check_resume(ckpt_path, cfg: DictConfig) -> None:
+    """A resumed run must continue the same training: refuse a checkpoint written with other settings
+    (its results would be labelled with settings it was not trained with), before anything is written."""
+    saved = checkpoint_entry(ckpt_path, "saft_run")
+    wanted = resume_settings(cfg)
+    differ = sorted(k for k in set(saved or {}) | set(wanted) if saved is not None and saved.get(k) != wanted.get(k))
+    if differ:
+        was = ", ".join(f"{k}={saved.get(k)}" for k in differ)
+        now = ", ".join(f"{k}={wanted.get(k)}" for k in differ)
+        raise ConfigError(f"{ckpt_path} was trained with {was}; this run asks for {now}. A resume continues the "
+                          f"same training: resume with the run's own config and trainer settings, or start a "
+                          f"new run in another hydra.run.dir")
+
+
 def train(cfg: DictConfig) -> dict:
     validate(cfg)
+    ckpt_path = resume_path(cfg) if cfg.method.train else None
+    if ckpt_path and Path(ckpt_path).is_file():  # "last" is Lightning's to find
+        check_resume(ckpt_path, cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     mask_callback = hydra.utils.instantiate(cfg.method.mask) if cfg.method.get("mask") else None
@@ -133,7 +152,7 @@ def train(cfg: DictConfig) -> dict:
         # so Lightning's warning that a non-resumable loader makes such a resume unreliable does not apply.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
                                 category=PossibleUserWarning)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
         trainer.save_checkpoint(Path(cfg.checkpoint.dirpath) / "last.ckpt", weights_only=False)
         log.info("rank %d: trained weights sha256 %s", trainer.global_rank,

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import Container, DictConfig, OmegaConf
@@ -92,6 +93,8 @@ def either(*checks: Check) -> Check:
 
 
 NULL: Check = lambda v: None if v is None else "null"
+DEVICE_LIST: Check = lambda v: None if isinstance(v, list) and v and all(_is_int(d) and d >= 0 for d in v) else \
+    "a list of device indices"
 BOOL: Check = lambda v: None if isinstance(v, bool) else "true or false"
 STRING: Check = lambda v: None if isinstance(v, str) and v else "a non-empty string"
 FILE: Check = lambda v: None if isinstance(v, str) and Path(v).is_file() else "an existing file"
@@ -189,14 +192,14 @@ TOP = (  # top-level keys, in the order they are checked (lr_scale before the lr
 RULES = TOP + (
     Rule("trainer._target_", importable, "pytorch_lightning.Trainer"),
     Rule("trainer.max_steps", either(integer(1), choice(-1)), "200"),
-    Rule("trainer.max_epochs", either(NULL, integer(1)), "10"),
+    Rule("trainer.max_epochs", either(NULL, integer(1), choice(-1)), "10"),
     Rule("trainer.precision", choice(*PRECISIONS), "bf16-mixed"),
     Rule("trainer.gradient_clip_val", either(NULL, number(">= 0")), "1.0"),
     Rule("trainer.gradient_clip_algorithm", choice("norm", "value"), "norm"),
     Rule("trainer.accumulate_grad_batches", integer(1), "1"),
     Rule("trainer.check_val_every_n_epoch", either(NULL, integer(1)), "5"),
     Rule("trainer.log_every_n_steps", integer(1), "5"),
-    Rule("trainer.devices", either(integer(1), choice("auto")), "1"),
+    Rule("trainer.devices", either(integer(1), choice(-1, "auto"), DEVICE_LIST), "1"),
     Rule("trainer.num_nodes", integer(1), "1"),
     Rule("trainer.accelerator", choice(*ACCELERATORS), "auto"),
     Rule("trainer.strategy", STRING, "ddp"),
@@ -226,7 +229,7 @@ RULES = TOP + (
     Rule("method.mask.seed", SEED, "1"),
     Rule("checkpoint._target_", importable, "pytorch_lightning.callbacks.ModelCheckpoint"),
     Rule("checkpoint.dirpath", STRING, "<run>/checkpoints"),
-    Rule("checkpoint.every_n_train_steps", integer(1), "100"),
+    Rule("checkpoint.every_n_train_steps", either(NULL, integer(1)), "100"),
     Rule("checkpoint.save_top_k", integer(-1), "1"),
     Rule("checkpoint.save_last", either(BOOL, choice("link")), "true"),
     Rule("logger._target_", importable, "pytorch_lightning.loggers.CSVLogger"),
@@ -315,9 +318,12 @@ def check_rules(cfg: DictConfig) -> None:
 def _cross_checks(cfg: DictConfig) -> None:
     """Rules that involve several keys (every key has passed its own rule)."""
     max_steps, max_epochs = read(cfg, "trainer.max_steps", -1), read(cfg, "trainer.max_epochs", None)
-    if max_steps == -1 and max_epochs is None:
+    if max_steps == -1 and max_epochs in (None, -1):
         _fail("trainer.max_steps", max_steps, "a positive integer when trainer.max_epochs is null (nothing else "
               "ends training)", "200")
+    accelerator = read(cfg, "trainer.accelerator", "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        _fail("trainer.accelerator", accelerator, "available on this machine, which has no CUDA GPU", "cpu")
     eval_datasets = read(cfg, "eval_datasets", None) or []
     twice = sorted({n for n in eval_datasets if eval_datasets.count(n) > 1})
     if twice:
