@@ -273,3 +273,13 @@ def test_odd_inputs_get_one_clear_error():
         saft.apply_delta(strided, {"0.weight": (torch.tensor([0]), torch.tensor([1.0]))})
     with pytest.raises(ConfigError, match="sparsity=True"):
         saft.select_mask(model, batches(x, y, 8), loss_fn, sparsity=True)
+
+
+def test_the_suggested_minimum_sparsity_is_accepted_for_every_size():
+    """round() takes halves to even: a suggestion of 0.5 / N (what the message used to say) selects nothing
+    for N = 1000; the suggested value must select one entry whatever N is."""
+    from saft.mask import num_selected
+    for n in [*range(1, 3000), 10**4, 10**6, 8_171_137, 149_621_000]:
+        with pytest.raises(ConfigError) as info:
+            num_selected(0.4 / n, n)
+        assert num_selected(float(str(info.value).rsplit(">= ", 1)[1]), n) == 1, n
