@@ -73,27 +73,36 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
     :func:`saft.mask.finalize_scores` after any sum across processes), |g| for ``sum_abs``, g**2 for ``fisher``.
 
     The model runs in eval mode (no dropout noise, no BatchNorm statistics update); the modes of its modules
-    and every ``.grad`` are as before the call.
+    and every ``.grad`` are as before the call. Gradients accumulate in ``.grad`` as in training, so the pass
+    holds one gradient per eligible entry (plus the running sums for ``sum_abs`` and ``fisher``), no more.
     """
     if score not in SCORES:
         raise ConfigError(f"unknown mask score {score!r}; choose one of {SCORES}")
-    names, tensors = list(params), list(params.values())
-    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    every = dict(model.named_parameters())
+    saved_grads = {n: p.grad for n, p in every.items()}
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    sums = {} if score == "abs_sum" else {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     seen = 0
+    model.eval()
     try:
+        for p in every.values():
+            p.grad = None
         for batch in batches:
             seen += 1
-            if score == "abs_sum":
-                units = [_per_example_losses(loss_fn, model, batch).sum()]
-            else:
-                units = (_per_example_losses(loss_fn, model, _example(batch, i)).sum()
-                         for i in range(_batch_size(batch)))
-            for loss in units:
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-                accumulate_scores(sums, {n: g for n, g in zip(names, grads) if g is not None}, score)
+            if score == "abs_sum":  # linear: autograd's own accumulation into .grad is the running sum
+                _per_example_losses(loss_fn, model, batch).sum().backward()
+                continue
+            for i in range(_batch_size(batch)):
+                _per_example_losses(loss_fn, model, _example(batch, i)).sum().backward()
+                accumulate_scores(sums, {n: p.grad for n, p in params.items() if p.grad is not None}, score)
+                for p in every.values():
+                    p.grad = None
+        if score == "abs_sum":
+            sums = {n: p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+                    for n, p in params.items()}
     finally:
+        for n, p in every.items():
+            p.grad = saved_grads[n]
         for m, training in modes.items():
             m.train(training)
     if not seen:
