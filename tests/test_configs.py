@@ -132,10 +132,12 @@ def _check_model(cfg, option):
 
 @pytest.mark.parametrize("config_name", ["train", "eval"])
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_option_composes_and_instantiates(tmp_path, config_name, group, option):
+def test_option_composes_and_instantiates(tmp_path, monkeypatch, config_name, group, option):
     data_dir = [f"data_dir={tmp_path / 'no_data'}"] if group == "dataset" else []  # a folder without data
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *data_dir], config_name)
-    validate(cfg)  # the run's own checks accept every option
+    with monkeypatch.context() as m:  # the GPU trainer's config is checked as on a machine with a GPU
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        validate(cfg)  # the run's own checks accept every option
     if config_name == "eval":  # the same group configs as train (checked below): instantiating is enough
         node = {"method": cfg.method.get("optimizer"), "trainer": cfg.trainer, "logger": cfg.logger,
                 "dataset": cfg.dataset.datamodule, "model": None}[group]
@@ -159,7 +161,7 @@ def test_option_composes_and_instantiates(tmp_path, config_name, group, option):
 def test_eval_config_is_the_train_config_without_training(tmp_path):
     train, evaluate = (OmegaConf.to_container(compose_cfg(tmp_path, [], name), resolve=False)
                        for name in ("train", "eval"))
-    assert evaluate.pop("run_dir") is None
+    assert evaluate.pop("run_dir") is None and evaluate.pop("wise_alpha") is None
     assert {k: v for k, v in evaluate.items() if k not in ("method", "hydra")} == \
         {k: v for k, v in train.items() if k not in ("method", "hydra")}
     assert not evaluate["method"]["train"] and evaluate["method"]["optimizer"] is None
