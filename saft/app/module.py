@@ -1,5 +1,9 @@
 """The LightningModule: an open_clip model classifying images with a text head, and its evaluation."""
+import math
+from contextlib import contextmanager
 from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import re
 
 import open_clip
 import pytorch_lightning as pl
@@ -10,6 +14,7 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from saft.app.clip import MAX_LOGIT_SCALE, text_head, tokenize_prompts
+from saft.app.heads import LinearHead, PromptHead
 from saft.errors import ConfigError
 from saft.mask import tower_of
 from saft.optim import warmup_cosine
@@ -27,19 +32,40 @@ class CLIPClassifier(pl.LightningModule):
     them; a write through ``.data`` bypasses the counters and would not.
     BatchNorm layers (ResNet CLIPs) stay in eval mode: few-shot batches are too small to estimate their
     statistics, and running statistics that drift would change the model outside any mask.
+
+    The baselines add a ``head`` (saft.app.heads): a linear probe or CoOp's learned prompt, which replaces the
+    text head wherever it applies; ``trainable`` (regexes) narrows the trained parameters (BitFit: biases);
+    ``lp_fraction`` makes the first part of training a linear probe (LP-FT): the CLIP gradients are dropped
+    after each backward, so the optimizer skips those parameters (no step, no weight decay, no moments).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Callable, optimizer: Optional[Callable] = None,
                  towers: Sequence[str] = ("image", "text"), warmup_fraction: float = 0.1, schedule: str = "cosine",
-                 run_settings: Optional[dict] = None):
+                 run_settings: Optional[dict] = None, head: Optional[nn.Module] = None,
+                 trainable: Sequence[str] = (), lp_fraction: float = 0.0, head_lr: Optional[float] = None):
         super().__init__()
         self.model, self.tokenizer, self.optimizer_factory = model, tokenizer, optimizer
         self.warmup_fraction, self.schedule, self.run_settings = warmup_fraction, schedule, run_settings
+        self.head, self.lp_fraction, self.head_lr = head, lp_fraction, head_lr
         # Decided here, before any DDP wrap: DDP fixes the set of parameters that need gradients.
         for name, p in self.model.named_parameters():
-            p.requires_grad_(optimizer is not None and tower_of(name) in towers)
+            p.requires_grad_(optimizer is not None and tower_of(name) in towers
+                             and (not trainable or any(re.search(r, name) for r in trainable)))
+        if head is not None:
+            head.requires_grad_(optimizer is not None)
         self.results: Dict[str, Dict[str, float]] = {}
         self._heads: Dict[str, Tuple[tuple, torch.Tensor]] = {}
+        self.probe_steps = 0  # LP-FT: optimizer steps of the linear-probe phase (set with the schedule)
+        self.zero_shot = False  # True: evaluate with the text head (the reference before training)
+
+    @contextmanager
+    def text_head_only(self):
+        """Evaluate the CLIP model's own prompt-ensemble heads, whatever head the method trains."""
+        self.zero_shot = True
+        try:
+            yield
+        finally:
+            self.zero_shot = False
 
     # --- heads -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -65,21 +91,40 @@ class CLIPClassifier(pl.LightningModule):
         return any(t.requires_grad for t in self._text_tensors())
 
     def _cached_head(self, key: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``build()`` once per state of the text tower: the key holds each tensor's identity and version."""
-        state = tuple((id(t), t._version) for t in self._text_tensors())
+        """``build()`` once per state of the text tower (and the learned prompt): the key holds each tensor's
+        identity and version."""
+        tensors = self._text_tensors() + (list(self.head.parameters()) if isinstance(self.head, PromptHead) else [])
+        state = tuple((id(t), t._version) for t in tensors)
         if key not in self._heads or self._heads[key][0] != state:
             with torch.no_grad():
                 self._heads[key] = (state, build())
         return self._heads[key][1]
 
-    def train_head(self) -> torch.Tensor:
+    def train_head(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight [embed_dim, classes], bias or None) of the training classes."""
+        if isinstance(self.head, PromptHead):
+            build = lambda: self.head(self.model, self.classnames)  # noqa: E731
+            return (build() if torch.is_grad_enabled() else self._cached_head("train", build)), None
+        if isinstance(self.head, LinearHead):  # the ID set's zero-shot head plus the probe's change
+            return self._zero_shot_head(0) + self.head.weight, self.head.bias
         build = lambda: text_head(self.model, self.train_tokens.to(self.device), len(self.classnames))  # noqa: E731
-        return build() if self.text_trains and torch.is_grad_enabled() else self._cached_head("train", build)
+        return (build() if self.text_trains and torch.is_grad_enabled() else self._cached_head("train", build)), None
 
-    def eval_head(self, index: int) -> torch.Tensor:
+    def _zero_shot_head(self, index: int) -> torch.Tensor:
         s = self.eval_sets[index]
         return self._cached_head(f"eval/{s.name}", lambda: open_clip.build_zero_shot_classifier(
             self.model, self.tokenizer, s.classnames, s.templates, device=self.device))
+
+    def eval_head(self, index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The set's zero-shot head, or what the method's head makes of it. The linear probe's change is added
+        to each set's own zero-shot head (one head when the sets share templates, as ImageNet's variants do),
+        so that a probe of zero change, and WiSE-FT at alpha=0, is the zero-shot model on every set."""
+        s = self.eval_sets[index]
+        if not self.zero_shot and isinstance(self.head, PromptHead):
+            return self._cached_head(f"prompt/{s.name}", lambda: self.head(self.model, s.classnames)), None
+        if not self.zero_shot and isinstance(self.head, LinearHead) and self.head.applies_to(s.classnames):
+            return self._zero_shot_head(index) + self.head.weight, self.head.bias
+        return self._zero_shot_head(index), None
 
     def on_train_epoch_start(self) -> None:
         for m in self.model.modules():
@@ -87,13 +132,20 @@ class CLIPClassifier(pl.LightningModule):
                 m.eval()
 
     # --- forward and loss --------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, head: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
+        weight, bias = head
         features = self.model.encode_image(images, normalize=True)
-        return self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * features @ head.to(features.dtype)
+        logits = self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * features @ weight.to(features.dtype)
+        return logits if bias is None else logits + bias.to(logits.dtype)
 
     def loss(self, batch, reduction: str = "mean") -> torch.Tensor:
         images, labels = batch
         return F.cross_entropy(self(images, self.train_head()), labels, reduction=reduction)
+
+    def on_after_backward(self) -> None:
+        if self.global_step < self.probe_steps:  # LP-FT's probe phase: CLIP is not stepped (see the class doc)
+            for p in self.model.parameters():
+                p.grad = None
 
     def per_example_loss(self, batch) -> torch.Tensor:
         """Cross-entropy of each example: what SAFT's mask scores are summed from."""
@@ -147,10 +199,40 @@ class CLIPClassifier(pl.LightningModule):
                 # As open_clip's trainer: no weight decay on gains, biases and the logit scale.
                 (no_decay if p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
                  else decay).append(p)
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.head is not None:
+            groups.append({"params": list(self.head.parameters()), "head": True})
+        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if self.lp_fraction:
+            return self._probe_then_tune(optimizer, total)
         if self.schedule == "constant":
             return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(self.warmup_fraction * total))
         scheduler = warmup_cosine(optimizer, total, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _probe_then_tune(self, optimizer, total: int):
+        """LP-FT's two phases in one schedule: the head alone at ``head_lr`` for the first ``probe_steps``, then
+        every trained parameter at the optimizer's lr; ``schedule`` (warm-up + cosine, or constant) restarts
+        with each phase."""
+        self.probe_steps = int(round(self.lp_fraction * total))
+
+        def shape(step: int, length: int) -> float:
+            if self.schedule == "constant":
+                return 1.0
+            warmup = int(round(self.warmup_fraction * length))
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, length - warmup)))
+
+        def clip_factor(step: int) -> float:
+            return 0.0 if step < self.probe_steps else shape(step - self.probe_steps, total - self.probe_steps)
+
+        def head_factor(step: int, lr: float) -> float:
+            return (self.head_lr / lr * shape(step, self.probe_steps) if step < self.probe_steps
+                    else clip_factor(step))
+        factors = [(lambda s, lr=g["lr"]: head_factor(s, lr)) if g.get("head") else clip_factor
+                   for g in optimizer.param_groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

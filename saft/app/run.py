@@ -1,7 +1,8 @@
 """Compose datamodule, model, method and trainer from a Hydra config; train or evaluate; write artifacts.
 
-A run's output dir holds ``results.json``, ``delta.safetensors`` (training only), ``split.json`` (the
-few-shot files drawn), Lightning checkpoints and logs, and Hydra's ``.hydra/`` with the full config.
+A run's output dir holds ``results.json``, ``delta.safetensors`` (training only), ``head.safetensors`` (methods
+with a head of their own: linear probe, LP-FT, CoOp), ``split.json`` (the few-shot files drawn), Lightning
+checkpoints and logs, and Hydra's ``.hydra/`` with the full config.
 """
 import functools
 import json
@@ -12,8 +13,11 @@ from pathlib import Path
 from typing import Sequence
 
 import hydra
+import open_clip
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
+from safetensors.torch import load_file, save_file
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -21,9 +25,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saft.app import CONF_DIR
+from saft.atomic import atomic_path
 from saft.app.clip import load_clip
 from saft.delta import (apply_delta, compute_delta, interpolate_delta, load_delta, num_changed, save_delta,
                         state_checksum)
+from saft.app.heads import build_head
 from saft.app.module import CLIPClassifier
 from saft.app.pretrain import resolve_pretrained
 from saft.app.progress import progress_bars
@@ -34,6 +40,7 @@ from saft.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DELTA = "delta.safetensors"
+HEAD = "head.safetensors"
 
 
 def reports_user_errors(main):
@@ -88,10 +95,20 @@ def build(cfg: DictConfig):
     datamodule.set_transforms(train_tf, eval_tf)
     method = cfg.method
     optimizer = hydra.utils.instantiate(method.optimizer) if method.train else None
+    head = build_head(method, model, tokenizer, datamodule.classnames(),
+                      open_clip.get_model_config(cfg.model.name)["embed_dim"])
     module = CLIPClassifier(model, tokenizer, optimizer, towers=list(method.towers),
                             warmup_fraction=method.warmup_fraction, schedule=method.schedule,
-                            run_settings=resume_settings(cfg))
+                            run_settings=resume_settings(cfg), head=head,
+                            trainable=list(method.get("trainable") or []), lp_fraction=method.get("lp_fraction", 0.0),
+                            head_lr=method.get("head_lr"))
     return datamodule, module
+
+
+def weights_checksum(module: CLIPClassifier) -> str:
+    """sha256 of everything the metrics depend on: the CLIP state and the method's head."""
+    head = {f"head.{k}": v for k, v in module.head.state_dict().items()} if module.head is not None else {}
+    return state_checksum({**module.model.state_dict(), **head})
 
 
 def make_trainer(cfg: DictConfig, callbacks) -> pl.Trainer:
@@ -145,7 +162,8 @@ def train(cfg: DictConfig) -> dict:
         trainer.logger.log_hyperparams(OmegaConf.to_container(settings, resolve=True))
     before = None
     if cfg.get("eval_zeroshot") and cfg.method.train:
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        with module.text_head_only():
+            trainer.test(module, datamodule=datamodule, verbose=False)
         before = dict(module.results)
     if cfg.method.train:
         # The datamodule skips the samples trained before a mid-epoch checkpoint (FewShotDataModule.state_dict),
@@ -155,8 +173,7 @@ def train(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
         trainer.save_checkpoint(Path(cfg.checkpoint.dirpath) / "last.ckpt", weights_only=False)
-        log.info("rank %d: trained weights sha256 %s", trainer.global_rank,
-                 state_checksum(module.model.state_dict()))
+        log.info("rank %d: trained weights sha256 %s", trainer.global_rank, weights_checksum(module))
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = None
     if trainer.is_global_zero:
@@ -209,10 +226,16 @@ def write_artifacts(cfg, module, datamodule, mask_callback, before=None) -> dict
     delta = compute_delta(base, module.model.state_dict())
     save_delta(out / DELTA, delta, {"model.name": cfg.model.name, "model.pretrained": str(cfg.model.pretrained)},
                base=base)
+    if module.head is not None:
+        with atomic_path(out / HEAD) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()}, str(tmp))
     if mask_callback is not None:
         num_trainable, extra = mask_callback.stats["mask/k"], {"mask": mask_callback.stats}
     else:
         num_trainable, extra = sum(p.numel() for p in module.model.parameters() if p.requires_grad), {}
+    if module.head is not None:
+        extra["num_head"] = sum(p.numel() for p in module.head.parameters())
+        num_trainable += extra["num_head"]
     if before:
         extra["zeroshot_metrics"] = before
     results = _results(cfg, module, datamodule, num_trainable, num_changed(delta), extra)
@@ -223,13 +246,28 @@ def write_artifacts(cfg, module, datamodule, mask_callback, before=None) -> dict
 
 def _results(cfg, module, datamodule, num_trainable, changed, extra=None) -> dict:
     # The fingerprint of the weights the metrics were measured with: eval.py of a run must match training.
-    extra = {"weights_sha256": state_checksum(module.model.state_dict()), **(extra or {})}
+    extra = {"weights_sha256": weights_checksum(module), **(extra or {})}
     if datamodule.protocol == "base2new":
         base, new = module.results["base"]["top1"], module.results["new"]["top1"]
         extra["hm"] = 2 * base * new / (base + new) if base + new else 0.0
     return build_results(run_settings(cfg), num_params=sum(p.numel() for p in module.model.parameters()),
                          num_trainable=num_trainable, num_changed=changed, metrics=module.results,
                          id_name=datamodule.id_name, ood=datamodule.ood_names, extra=extra)
+
+
+def load_head(head: torch.nn.Module, path: Path, alpha=None) -> None:
+    """A run's trained head; WiSE-FT scales the linear probe's change from the zero-shot head by ``alpha``."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the run's method trains a head, and its metrics need it; "
+                          f"evaluate a complete run dir")
+    try:
+        tensors = load_file(path)
+        if alpha is not None:
+            tensors = {k: torch.lerp(torch.zeros_like(v), v, alpha) for k, v in tensors.items()}
+        head.load_state_dict(tensors)
+    except Exception as e:
+        raise ConfigError(f"{path} does not hold this method's head ({str(e).splitlines()[0][:200]}); the file is "
+                          f"corrupt or belongs to another run") from None
 
 
 def compose_for_run(run_dir: Path, overrides: Sequence[str], composed: DictConfig) -> DictConfig:
@@ -274,16 +312,21 @@ def evaluate(cfg: DictConfig) -> dict:
         if metadata.get("base_sha256") != state_checksum(module.model.state_dict()):
             raise ConfigError(f"{run_dir / DELTA} was made for another base model (checksum differs from "
                               f"{cfg.model.name} / {cfg.model.pretrained}); evaluate it with its own base")
-        if cfg.get("wise_alpha") is not None:
-            delta = interpolate_delta(delta, module.model.state_dict(), cfg.wise_alpha)
+        alpha = cfg.get("wise_alpha")
+        if alpha is not None:
+            delta = interpolate_delta(delta, module.model.state_dict(), alpha)
         apply_delta(module.model, delta)
-        num_trainable = json.loads((run_dir / RESULTS).read_text())["num_trainable"]
-        changed = num_changed(delta)
+        if module.head is not None:
+            load_head(module.head, run_dir / HEAD, alpha)
+        trained = json.loads((run_dir / RESULTS).read_text())
+        num_trainable, changed = trained["num_trainable"], num_changed(delta)
     trainer = make_trainer(cfg, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = None
     if trainer.is_global_zero:
         extra = {"run_dir": str(run_dir), "wise_alpha": cfg.get("wise_alpha")} if run_dir is not None else {}
+        if run_dir is not None and set(trained.get("zeroshot_metrics") or {}) == set(module.results):
+            extra["zeroshot_metrics"] = trained["zeroshot_metrics"]  # the reference the report measures gains from
         results = _results(cfg, module, datamodule, num_trainable, changed, extra)
         write_json(output_dir() / RESULTS, results)
     finish(trainer)

@@ -218,6 +218,12 @@ RULES = TOP + (
     Rule("method.optimizer.betas", pair_in("[0, 1)"), "[0.9,0.999]"),
     Rule("method.optimizer.eps", number("> 0"), "1e-8"),
     Rule("method.optimizer.momentum", number(">= 0"), "0.9"),
+    Rule("method.head", choice("text", "linear", "prompt"), "linear"),
+    Rule("method.trainable", regexes, "[bias$]"),
+    Rule("method.lp_fraction", number("[0, 1)"), "0.5"),
+    Rule("method.head_lr", number("> 0"), "1e-4"),
+    Rule("method.n_ctx", integer(1), "16"),
+    Rule("method.ctx_init", either(NULL, STRING), "a photo of a"),
     Rule("method.mask", either(NULL, DICT), "null"),
     Rule("method.mask._target_", importable, "saft.callback.SparseMaskCallback"),
     Rule("method.mask.sparsity", number("(0, 1]"), "0.001"),
@@ -330,10 +336,12 @@ def _cross_checks(cfg: DictConfig) -> None:
         _fail("eval_datasets", eval_datasets, f"a list that names each dataset once ({twice} twice)",
               "[oxford_pets,dtd]")
     method = read(cfg, "method")
+    head = method.get("head", "text")
     if method["train"]:
-        if not method["towers"]:
-            _fail("method.towers", method["towers"], "a non-empty list when method.train=true (the towers that "
-                  "train)", "[image,text]")
+        if not method["towers"] and head == "text":
+            _fail("method.towers", method["towers"], "a non-empty list when method.train=true and nothing else "
+                  "trains (the towers that train; or a method with a head of its own, method.head=linear)",
+                  "[image,text]")
         if not method.get("optimizer"):
             _fail("method.optimizer", method.get("optimizer"), "an optimizer config when method.train=true",
                   "{_target_:torch.optim.AdamW,_partial_:true,lr:1e-5}")
@@ -342,6 +350,15 @@ def _cross_checks(cfg: DictConfig) -> None:
         if method.get("mask") and not (isinstance(optimizer, type) and issubclass(optimizer, MaskedAdamW)):
             _fail("method.optimizer._target_", target, "saft.optim.MaskedAdamW for a masked method (it never "
                   "writes an unselected entry)", "saft.optim.MaskedAdamW")
+    if head == "linear" and "text" in method["towers"]:
+        _fail("method.towers", method["towers"], "a list without text when method.head=linear (a linear head "
+              "replaces the text head, so the text tower would get no gradient)", "[image]")
+    if method.get("lp_fraction") and (head != "linear" or method.get("head_lr") is None):
+        _fail("method.lp_fraction", method["lp_fraction"], "0 unless method.head=linear and method.head_lr is set "
+              "(the probe phase trains a linear head)", "0")
+    if read(cfg, "wise_alpha", None) is not None and head == "prompt":
+        _fail("wise_alpha", read(cfg, "wise_alpha"), "null for a CoOp run: WiSE-FT blends the zero-shot and the "
+              "fine-tuned weights, and a learned prompt has no zero-shot counterpart to blend with", "null")
     precision = read(cfg, "trainer.precision", "32-true")
     weights = PRECISION_ALIASES.get(str(precision), str(precision))
     if method.get("mask") and weights.startswith(("16-true", "bf16-true", "64-true", "transformer-engine")):

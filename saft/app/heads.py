@@ -1,0 +1,107 @@
+"""Trainable classifier heads of the baselines: a linear probe on the image features and CoOp's learned prompt.
+
+Both are ``nn.Module``s beside the CLIP model (never inside it: the delta, the mask and ``num_changed`` stay about
+CLIP's own entries) and are saved with a run as ``head.safetensors``.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+from torch import nn
+
+from saft.errors import ConfigError
+
+
+class LinearHead(nn.Module):
+    """A linear classifier on the normalised image features, initialised from the zero-shot text head.
+
+    It is stored as the change from that text head: ``weight`` ([embed_dim, classes], the text head's layout) and
+    ``bias`` start at zero, and the classifier is ``(text_head + weight, bias)``. Training it is the same as
+    training a head initialised at the text head (the gradients are equal), step 0 is the zero-shot model
+    bit for bit, and WiSE-FT scales the change (alpha=0 is the zero-shot head exactly)."""
+
+    def __init__(self, embed_dim: int, classnames: Sequence[str]):
+        super().__init__()
+        self.classnames = list(classnames)
+        self.weight = nn.Parameter(torch.zeros(embed_dim, len(classnames)))
+        self.bias = nn.Parameter(torch.zeros(len(classnames)))
+
+    def applies_to(self, classnames: Sequence[str]) -> bool:
+        """The head knows only its training classes; other sets (new classes, other datasets) keep the text head."""
+        return list(classnames) == self.classnames
+
+
+class PromptHead(nn.Module):
+    """CoOp (Zhou et al., 2022): ``n_ctx`` learned context vectors replace the prompt's words, the class name
+    comes last ("[SOS] ctx_1 ... ctx_n classname. [EOS]"), and the class head is the normalised text features of
+    these prompts. ``ctx_init`` ("a photo of a") starts the context at those words' token embeddings, so
+    the initial prompt encodes exactly as the text "a photo of a <class>." does; otherwise the context is drawn
+    from N(0, 0.02²) as in CoOp."""
+
+    def __init__(self, model: nn.Module, tokenizer, n_ctx: int = 16, ctx_init: Optional[str] = None):
+        super().__init__()
+        missing = [a for a in ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
+                   if not hasattr(model, a)]
+        if missing:
+            raise ConfigError(f"method=coop needs an open_clip CLIP with its own text transformer; this model has "
+                              f"no {', '.join(missing)} (a Hugging Face text tower cannot take learned context)")
+        self.tokenizer = tokenizer
+        embedding = model.token_embedding
+        if ctx_init:
+            tokens = tokenizer([ctx_init])
+            n_ctx = int(tokens.argmax(dim=-1)) - 1  # the words between [SOS] and [EOS]
+            with torch.no_grad():
+                ctx = embedding(tokens.to(embedding.weight.device))[0, 1:1 + n_ctx].clone()
+            self.prefix_text = ctx_init
+        else:
+            ctx = torch.empty(n_ctx, embedding.weight.shape[1]).normal_(std=0.02)
+            self.prefix_text = " ".join(["X"] * n_ctx)  # placeholders whose embeddings are replaced
+        self.n_ctx = n_ctx
+        self.ctx = nn.Parameter(ctx.float())
+        self._tokens = {}
+
+    def tokens(self, classnames: Sequence[str]) -> torch.Tensor:
+        key = tuple(classnames)
+        if key not in self._tokens:
+            texts = [f"{self.prefix_text} {c}." for c in classnames]
+            length = self.tokenizer.context_length
+            needed = int((self.tokenizer(texts, context_length=4 * length) > 0).sum(dim=-1).max())
+            if needed > length:
+                raise ConfigError(f"CoOp's prompt of {self.n_ctx} context tokens plus the longest class name needs "
+                                  f"{needed} tokens and this model's text context holds {length}; lower "
+                                  f"method.n_ctx by {needed - length} or more, e.g. method.n_ctx={self.n_ctx - (needed - length)}")
+            self._tokens[key] = self.tokenizer(texts)
+        return self._tokens[key]
+
+    def forward(self, model: nn.Module, classnames: Sequence[str]) -> torch.Tensor:
+        """The [embed_dim, classes] head of ``classnames`` under the learned prompt (differentiable in ``ctx``)."""
+        tokens = self.tokens(classnames).to(self.ctx.device)
+        words = model.token_embedding(tokens)
+        ctx = self.ctx.to(words.dtype).unsqueeze(0).expand(len(classnames), -1, -1)
+        embeddings = torch.cat([words[:, :1], ctx, words[:, 1 + self.n_ctx:]], dim=1)
+        return F.normalize(encode_embedded_text(model, embeddings, tokens), dim=-1).T
+
+
+def encode_embedded_text(model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` from the token embeddings on (the same operations in the same order, so
+    embeddings looked up from ``tokens`` give ``encode_text(tokens)`` bit for bit); ``tokens`` find the pooled
+    position."""
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype) + model.positional_embedding.to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+    return x
+
+
+def build_head(method, model: nn.Module, tokenizer, classnames: Sequence[str], embed_dim: int) -> Optional[nn.Module]:
+    """The head ``method.head`` names (``text``: none, the prompt-ensemble text head of the CLIP model)."""
+    kind = method.get("head", "text")
+    if kind == "linear":
+        return LinearHead(embed_dim, classnames)
+    if kind == "prompt":
+        return PromptHead(model, tokenizer, method.get("n_ctx", 16), method.get("ctx_init"))
+    return None
