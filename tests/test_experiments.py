@@ -146,6 +146,111 @@ def test_tradeoff_curves_follow_each_configuration_through_its_learning_rates():
     assert sorted(map(sorted, curves["saft, sparsity=0.01"])) == [[(31.0, 70.0), (32.0, 70.0)]] * 2
 
 
+def _wise(run, alpha, id_top1, ood_top1):
+    """A WiSE-FT evaluation of ``run``: its settings, its own metrics, the run's zero-shot metrics."""
+    own = _run(run["method"], run["seed"], id_top1, ood_top1, run["lr"])["metrics"]
+    return {**run, "metrics": own, "wise_alpha": alpha, "run_dir": f"runs/{run['method']}/{run['lr']}/{run['seed']}"}
+
+
+def test_wise_evals_are_rows_of_their_own_and_never_join_the_full_ft_reference():
+    from saft.report.tables import Runs, matched_id_table, summary_table
+    ft, saft = _run("full_ft", 1, 30.0, 70.0, 1e-5), _run("saft", 1, 25.0, 79.0, 1e-3)
+    ft_wise, saft_wise = _wise(ft, 0.5, 28.0, 78.0), _wise(saft, 0.5, 23.0, 80.0)
+    table = matched_id_table(Runs(finished=[ft, saft, ft_wise, saft_wise]))
+    assert table.columns == ["ID gain", "OOD change", "OOD vs full FT", "n", "OOD vs WiSE-FT", "n WiSE"]
+    rows = {label: cells for label, cells in table.rows}
+    assert set(rows) == {"full_ft, wise_alpha=None", "full_ft, wise_alpha=0.5", "saft, wise_alpha=None",
+                         "saft, wise_alpha=0.5"}
+    # Full FT's reference is (20, 80) -> (30, 70) only: 75 at ID 25 (through FT's WiSE point (28, 78) it would be
+    # 78.75), 72 at ID 28, 77 at ID 23.
+    assert rows["saft, wise_alpha=None"][2].values == pytest.approx([79.0 - 75.0])
+    assert rows["full_ft, wise_alpha=0.5"][2].values == pytest.approx([78.0 - 72.0])
+    assert rows["saft, wise_alpha=0.5"][2].values == pytest.approx([80.0 - 77.0])
+    assert rows["saft, wise_alpha=0.5"][0].values == [3.0] and rows["saft, wise_alpha=0.5"][1].values == [0.0]
+    assert rows["full_ft, wise_alpha=None"][2:4] == ["reference", 1]
+    assert rows["full_ft, wise_alpha=0.5"][4:] == ["reference", 1]  # full FT's WiSE evals are that reference
+    # FT's WiSE-FT curve (20, 80) -> (28, 78) -> (30, 70) at ID 25: 78.75; at ID 23: 79.25; at ID 30: 70.
+    assert rows["saft, wise_alpha=None"][4].values == pytest.approx([79.0 - 78.75])
+    assert rows["saft, wise_alpha=0.5"][4].values == pytest.approx([80.0 - 79.25])
+    assert rows["full_ft, wise_alpha=None"][4].values == pytest.approx([0.0])
+    summary = {label: cells for label, cells in summary_table(Runs(finished=[ft, saft, ft_wise, saft_wise])).rows}
+    assert summary["full_ft, wise_alpha=0.5"][0].values == [28.0]
+    assert summary["full_ft, wise_alpha=None"][0].values == [30.0]
+    # Without WiSE evaluations of full FT there is nothing to compare with: the table is today's.
+    today = ["ID gain", "OOD change", "OOD vs full FT", "n"]
+    assert matched_id_table(Runs(finished=[ft, saft, saft_wise])).columns == today
+
+
+def test_ood_vs_wise_ft_is_the_best_full_ft_wise_curve_that_covers_the_id():
+    from saft.report.tables import Runs, matched_id_table
+    runs = []
+    for seed in (1, 2):
+        low, high = _run("full_ft", seed, 30.0, 70.0, 1e-5), _run("full_ft", seed, 40.0, 50.0, 3e-5)
+        runs += [low, high, _wise(low, 0.5, 26.0, 78.0)]
+        if seed == 1:
+            runs.append(_wise(high, 0.5, 32.0, 74.0))  # seed 2's lr 3e-5 has no WiSE evals, hence no WiSE curve
+    runs += [_run("saft", 1, 29.0, 77.0, 1e-3), _run("saft", 2, 35.0, 65.0, 1e-3)]
+    rows = {label: cells for label, cells in matched_id_table(Runs(finished=runs)).rows}
+    saft = rows["saft, lr=0.001, wise_alpha=None"]  # lr and wise_alpha vary among full FT's rows: labels show them
+    # Seed 1 at ID 29: the lr 1e-5 curve (20, 80) -> (26, 78) -> (30, 70) gives 72, the lr 3e-5 curve
+    # (20, 80) -> (32, 74) -> (40, 50) gives 75.5; the best is 75.5. Seed 2 at ID 35 lies beyond its only
+    # curve (up to ID 30): left out. Full FT's learning-rate curve (20, 80) -> (30, 70) -> (40, 50): 71 and 60.
+    assert saft[4].values == pytest.approx([77.0 - 75.5]) and saft[5] == 1
+    assert saft[2].values == pytest.approx([77.0 - 71.0, 65.0 - 60.0]) and saft[3] == 2
+
+
+def test_wise_curves_run_from_zero_shot_through_alpha_to_the_run(tmp_path, monkeypatch):
+    from saft.report import plots
+    from saft.report.tables import tradeoff_curves, wise_curves
+    ft = [_run("full_ft", seed, 30.0 + seed, 70.0, lr) for seed in (1, 2) for lr in (1e-5, 3e-5)]
+    saft = [_run("saft", seed, 25.0, 79.0, 1e-3) for seed in (1, 2)]
+    # Out of ID order on purpose: the curve must follow alpha, not ID.
+    evals = [_wise(r, alpha, x + r["seed"], y) for r in ft if r["lr"] == 1e-5
+             for alpha, x, y in ((0.7, 33.0, 74.0), (0.3, 36.0, 77.0), (1, 30.0, 70.0))]
+    runs = ft + saft + evals
+    curves, wise = tradeoff_curves(runs), wise_curves(runs)
+    assert set(curves) == {"full_ft", "saft"} and len(curves["full_ft"]) == 2  # evals stay off the lr curves
+    assert [sorted(seeds) for seeds in curves["full_ft"]] == [[(31.0, 70.0), (32.0, 70.0)]] * 2
+    assert tradeoff_curves(evals) == {}
+    assert set(wise) == {"full_ft"} and len(wise["full_ft"]) == 1  # only lr 1e-5 has WiSE evals
+    assert [sorted(seeds) for seeds in wise["full_ft"][0]] == [
+        [(20.0, 80.0)] * 2,                # alpha = 0: zero-shot
+        [(37.0, 77.0), (38.0, 77.0)],      # alpha = 0.3
+        [(34.0, 74.0), (35.0, 74.0)],      # alpha = 0.7
+        [(31.0, 70.0), (32.0, 70.0)],      # alpha = 1 evaluated
+        [(31.0, 70.0), (32.0, 70.0)]]      # alpha = 1: the training run itself
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)  # keep the figure to look at
+    plots.plot_id_vs_ood(curves, (20.0, 80.0), tmp_path / "id_vs_ood.png", wise)
+    assert (tmp_path / "id_vs_ood.png").stat().st_size > 5000
+    ax = figures[0].axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend.count("WiSE-FT (dashed): α from 0 at zero-shot to 1 at the run") == 1 and len(legend) == 4
+    solid = {line.get_color() for line in ax.lines if line.get_linestyle() == "-" and len(line.get_xdata()) == 2}
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--" and len(line.get_xdata()) == 5]
+    assert len(dashed) == 1 and dashed[0].get_color() in solid  # in the colour of full FT's lr curve
+    assert list(dashed[0].get_xdata()) == [20.0, 37.5, 34.5, 31.5, 31.5]
+
+
+def test_report_command_compares_with_wise_ft_from_results_files(tmp_path, monkeypatch):
+    from saft.report import plots
+    drawn = []
+    monkeypatch.setattr(plots, "plot_id_vs_ood", lambda *args: drawn.append(args))
+    ft = _run("full_ft", 1, 30.0, 70.0, 1e-5)
+    results = {"ft": ft, "ft_wise": _wise(ft, 0.5, 28.0, 78.0), "saft": _run("saft", 1, 25.0, 79.0, 1e-3)}
+    for name, result in results.items():
+        (tmp_path / "runs" / name / ".hydra").mkdir(parents=True)
+        (tmp_path / "runs" / name / ".hydra" / "config.yaml").write_text("{}\n")
+        (tmp_path / "runs" / name / "results.json").write_text(json.dumps(result))
+    report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    matched = _rows(tmp_path / "report" / "matched_id.csv")
+    assert float(matched["saft, wise_alpha=None"]["OOD vs WiSE-FT mean"]) == pytest.approx(79.0 - 78.75)
+    assert float(matched["saft, wise_alpha=None"]["OOD vs full FT mean"]) == pytest.approx(79.0 - 75.0)
+    assert "full_ft, wise_alpha=0.5" in _rows(tmp_path / "report" / "summary.csv")
+    (_, _, _, wise), = drawn
+    assert [len(points) for points in wise["full_ft"]] == [3]  # zero-shot, alpha 0.5, the run
+
+
 def _b2n_run(dataset, method, seed, base, new, lr=1e-3, sparsity=0.001):
     """A base-to-new results.json with every setting run_settings records."""
     masked = method != "full_ft"

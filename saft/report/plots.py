@@ -17,21 +17,36 @@ def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _errorbar(ax, points, **style):
+    """Points in the given order, each the (ID, OOD mean) of every seed, as means with std bars over seeds."""
+    stats = [(_mean_std([p[0] for p in seeds]), _mean_std([p[1] for p in seeds])) for seeds in points]
+    return ax.errorbar([x for (x, _), _ in stats], [y for _, (y, _) in stats], xerr=[sx for (_, sx), _ in stats],
+                       yerr=[sy for _, (_, sy) in stats], **style)
+
+
 def plot_id_vs_ood(curves: Dict[str, Sequence[Sequence[Tuple[float, float]]]],
-                   zeroshot: Optional[Tuple[float, float]], path: Path) -> None:
+                   zeroshot: Optional[Tuple[float, float]], path: Path,
+                   wise: Optional[Dict[str, Sequence[Sequence[Sequence[Tuple[float, float]]]]]] = None) -> None:
     """One curve per configuration (label -> its points, each point the (ID, OOD mean) of every seed), error
-    bars over seeds, and the zero-shot model every run started from as a star."""
+    bars over seeds, and the zero-shot model every run started from as a star. ``wise`` (label of a curve ->
+    its WiSE-FT curves, points in α order) adds thin dashed curves in that curve's colour, with one legend
+    entry for all of them so that the legend stays readable."""
     fig, ax = plt.subplots(figsize=(9, 4.8))
+    colours = {}
     for label, points in curves.items():
-        stats = sorted((_mean_std([p[0] for p in seeds]), _mean_std([p[1] for p in seeds])) for seeds in points)
-        ax.errorbar([x for (x, _), _ in stats], [y for _, (y, _) in stats], xerr=[sx for (_, sx), _ in stats],
-                    yerr=[sy for _, (_, sy) in stats], marker="o", capsize=3, label=label)
+        ordered = sorted(points, key=lambda seeds: statistics.mean(p[0] for p in seeds))
+        colours[label] = _errorbar(ax, ordered, marker="o", capsize=3, label=label).lines[0].get_color()
+    for label, lines in (wise or {}).items():
+        for points in lines:  # in α order, not sorted by ID: a WiSE-FT curve may bend back
+            _errorbar(ax, points, color=colours.get(label), linestyle="--", linewidth=1, marker=".", capsize=2)
+    if wise:
+        ax.plot([], [], "k--", linewidth=1, label="WiSE-FT (dashed): α from 0 at zero-shot to 1 at the run")
     if zeroshot is not None:
         ax.plot(*zeroshot, "k*", markersize=12, label="zero-shot")
     ax.set_xlabel("ID top-1 (%)")
     ax.set_ylabel("OOD mean top-1 (%)")
     ax.set_title("ID vs OOD accuracy (mean ± std over seeds)")
-    if curves or zeroshot is not None:
+    if curves or wise or zeroshot is not None:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -5,6 +5,13 @@ finished), averages over seeds (mean +- sample std), and writes ``report.md``, `
 per table, ``id_vs_ood.png`` (one curve per configuration through its learning rates) and ``mask_blocks.png``.
 Runs with a zero-shot reference are also compared with full fine-tuning at matched ID accuracy. Cells without
 a finished run show as "-".
+
+WiSE-FT evaluations (``eval.py run_dir=RUN wise_alpha=A``) carry the settings of their training run plus
+``wise_alpha``, which tells configurations apart like any setting: each α of a run configuration is a row of
+its own (training runs have ``wise_alpha`` None). In the matched-ID table they never join full FT's reference;
+when full FT has WiSE evaluations, a column compares every row with the best of full FT's WiSE-FT curves at the
+same ID. In ``id_vs_ood.png`` each configuration with WiSE evaluations gets a thin dashed curve per learning
+rate in the colour of its learning-rate curve: zero-shot (α=0), its evaluations in α order, the run (α=1).
 """
 import argparse
 import csv
@@ -23,9 +30,9 @@ from saft.app.results import ERROR, RESULTS, run_settings
 IMAGENET_SETS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 BASE_TO_NEW_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                         "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
-# Settings that make two runs different configurations (the seed does not).
+# Settings that make two runs different configurations (the seed does not; wise_alpha is None but for WiSE-FT evals).
 SETTINGS = ("experiment", "dataset", "protocol", "model", "method", "shots", "sparsity", "mask_score",
-            "mask_scope", "mask_include", "mask_exclude", "towers", "lr")
+            "mask_scope", "mask_include", "mask_exclude", "towers", "lr", "wise_alpha")
 MASK_SETTINGS = ("sparsity", "mask_score", "mask_scope", "mask_include", "mask_exclude")  # moot without a mask
 
 
@@ -259,22 +266,59 @@ def interpolate(points: Sequence[Tuple[float, float]], x: float) -> Optional[flo
     return None
 
 
+def _curve_label(runs: Sequence[dict]):
+    """Label of a run's learning-rate curve: what varies among the training runs, but not what the curve runs over."""
+    varying = [k for k in _varying([r for r in runs if r.get("wise_alpha") is None]) if k not in ("lr", "wise_alpha")]
+    return lambda r: _label(r, varying)
+
+
 def tradeoff_curves(runs: Sequence[dict]) -> Dict[str, List[List[Tuple[float, float]]]]:
-    """Label -> points of one configuration over learning rates, each point the (ID, OOD) of every seed."""
-    finished = [r for r in runs if _id_ood(r) is not None]
-    varying = [k for k in _varying(finished) if k != "lr"]
+    """Label -> points of one configuration over learning rates, each point the (ID, OOD) of every seed (training
+    runs only: WiSE-FT evaluations are the curves of ``wise_curves``)."""
+    finished = [r for r in runs if _id_ood(r) is not None and r.get("wise_alpha") is None]
+    label = _curve_label(finished)
     curves: Dict[tuple, Dict[tuple, List[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in finished:
         curves[settings_key(r, skip=("lr",))][settings_key(r)].append(r)
-    return {_label(next(iter(points.values()))[0], varying): [[_id_ood(r) for r in seeds] for seeds in points.values()]
+    return {label(next(iter(points.values()))[0]): [[_id_ood(r) for r in seeds] for seeds in points.values()]
             for _, points in sorted(curves.items())}
+
+
+def wise_curves(runs: Sequence[dict]) -> Dict[str, List[List[List[Tuple[float, float]]]]]:
+    """Label of a learning-rate curve (as in ``tradeoff_curves``) -> one WiSE-FT curve per run configuration of
+    it that has WiSE evaluations: zero-shot (α=0), the evaluations in α order, the training run (α=1), each
+    point the (ID, OOD) of every seed. The order is α's, not ID's: a WiSE-FT curve need not rise in ID."""
+    finished = [r for r in runs if _id_ood(r) is not None]
+    label = _curve_label(finished)
+    configurations = defaultdict(list)
+    for r in finished:
+        configurations[settings_key(r, skip=("wise_alpha",))].append(r)
+    curves = defaultdict(list)
+    for _, members in sorted(configurations.items()):
+        evals = defaultdict(list)
+        for r in members:
+            if r.get("wise_alpha") is not None:
+                evals[float(r["wise_alpha"])].append(_id_ood(r))
+        if not evals:
+            continue  # without WiSE evaluations the curve would be a straight line, not a measurement
+        start = {r["seed"]: _id_ood(r, "zeroshot_metrics") for r in members if _id_ood(r, "zeroshot_metrics")}
+        trained = [_id_ood(r) for r in members if r.get("wise_alpha") is None]
+        points = [list(start.values()), *(evals[alpha] for alpha in sorted(evals)), trained]
+        curves[label(members[0])].append([seeds for seeds in points if seeds])
+    return dict(curves)
 
 
 def matched_id_table(runs: Runs) -> Optional[Table]:
     """Each configuration against full fine-tuning at the same ID accuracy: per seed, full FT's OOD mean is
-    read off the polyline through that seed's FT runs (all learning rates) and the zero-shot start (FT with
-    lr -> 0) of the same experiment; a seed whose ID lies outside that range (below zero-shot or above FT's
-    largest measured ID) is left out, and "n" counts the seeds that remain."""
+    read off the polyline through that seed's FT training runs (all learning rates; never WiSE-FT evaluations)
+    and the zero-shot start (FT with lr -> 0) of the same experiment; a seed whose ID lies outside that range
+    (below zero-shot or above FT's largest measured ID) is left out, and "n" counts the seeds that remain.
+
+    When full FT has WiSE-FT evaluations, "OOD vs WiSE-FT" is the OOD mean minus the best OOD mean that any of
+    full FT's WiSE-FT curves of the same seed and experiment reaches at the run's ID. A curve belongs to one FT
+    configuration (learning rate) with at least one WiSE evaluation: the polyline through zero-shot, its
+    evaluations and its training run. Curves that do not cover the ID do not count; a seed no curve covers is
+    left out, and "n WiSE" counts the seeds that remain. Full FT's own WiSE rows are that reference."""
     measured = [r for r in runs.finished if _id_ood(r) and _id_ood(r, "zeroshot_metrics")]
     if not any(r["method"] == "full_ft" for r in measured) or all(r["method"] == "full_ft" for r in measured):
         return None
@@ -282,27 +326,52 @@ def matched_id_table(runs: Runs) -> Optional[Table]:
     def context(r):
         return json.dumps([r.get("experiment"), r["dataset"], r["model"], r["shots"], r.get("protocol"),
                            r.get("towers"), r["seed"]])
-    ft = defaultdict(set)
-    for r in measured:
-        if r["method"] == "full_ft":
-            ft[context(r)] |= {_id_ood(r), _id_ood(r, "zeroshot_metrics")}
+
+    def wise_curve(r):  # an FT training run and its WiSE evaluations share it
+        return context(r), settings_key(r, skip=("wise_alpha",))
+    full_ft = [r for r in measured if r["method"] == "full_ft"]
+    # An FT run without WiSE evaluations has no WiSE-FT curve: the straight line to zero-shot was never measured.
+    evaluated = {wise_curve(r) for r in full_ft if r.get("wise_alpha") is not None}
+    ft = defaultdict(set)  # context -> points of FT's learning-rate curve
+    wise = defaultdict(lambda: defaultdict(set))  # context -> FT configuration -> points of its WiSE-FT curve
+    for r in full_ft:
+        points = {_id_ood(r), _id_ood(r, "zeroshot_metrics")}
+        if r.get("wise_alpha") is None:
+            ft[context(r)] |= points
+        if wise_curve(r) in evaluated:
+            wise[context(r)][wise_curve(r)] |= points
 
     def versus_ft(r):
         (x, y), curve = _id_ood(r), ft.get(context(r))
         at = interpolate(list(curve), x) if curve else None
         return None if at is None else y - at
+
+    def versus_wise(r):
+        (x, y) = _id_ood(r)
+        reached = [at for at in (interpolate(list(c), x) for c in wise.get(context(r), {}).values()) if at is not None]
+        return y - max(reached) if reached else None
+
+    def versus(group, reference, value):
+        if reference:
+            return ["reference", len(group)]
+        cell = _cell(group, value)
+        return [cell, len(cell.values)]
+
     def cells(group):
-        changes = [_cell(group, lambda r: changes_from_zeroshot(r)[0]),
-                   _cell(group, lambda r: changes_from_zeroshot(r)[1])]
-        if group[0]["method"] == "full_ft":
-            return changes + ["reference", len(group)]
-        versus = _cell(group, versus_ft)
-        return changes + [versus, len(versus.values)]
+        is_ft, alpha = group[0]["method"] == "full_ft", group[0].get("wise_alpha")
+        row = [_cell(group, lambda r: changes_from_zeroshot(r)[0]), _cell(group, lambda r: changes_from_zeroshot(r)[1]),
+               *versus(group, is_ft and alpha is None, versus_ft)]
+        return row + versus(group, is_ft and alpha is not None, versus_wise) if evaluated else row
     varying = _varying(measured)
     rows = [(_label(group[0], varying), cells(group)) for _, group in sorted(_groups(measured).items())]
-    return Table("matched_id", "Against full fine-tuning at matched ID accuracy (points; change from zero-shot, "
-                 "and OOD mean minus full FT's at the same ID; n = seeds inside FT's measured range)",
-                 ["ID gain", "OOD change", "OOD vs full FT", "n"], rows)
+    title = ("Against full fine-tuning at matched ID accuracy (points; change from zero-shot, and OOD mean minus "
+             "full FT's at the same ID; n = seeds inside FT's measured range")
+    columns = ["ID gain", "OOD change", "OOD vs full FT", "n"]
+    if evaluated:
+        title += ("; OOD vs WiSE-FT = OOD mean minus the best of full FT's WiSE-FT curves (zero-shot, WiSE evals, "
+                  "run; one per learning rate, same seed) at the same ID, n WiSE = seeds some curve covers")
+        columns += ["OOD vs WiSE-FT", "n WiSE"]
+    return Table("matched_id", title + ")", columns, rows)
 
 
 def _text(value) -> str:
@@ -364,7 +433,7 @@ def write_report(dirs: Sequence[Path], out: Path) -> List[Table]:
     for t in tables:
         to_csv(t, out / f"{t.name}.csv")
     start = next((_id_ood(r, "zeroshot_metrics") for r in runs.finished if _id_ood(r, "zeroshot_metrics")), None)
-    plot_id_vs_ood(tradeoff_curves(runs.finished), start, out / "id_vs_ood.png")
+    plot_id_vs_ood(tradeoff_curves(runs.finished), start, out / "id_vs_ood.png", wise_curves(runs.finished))
     plot_mask_blocks(runs.finished, out / "mask_blocks.png")
     return tables
 

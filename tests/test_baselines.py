@@ -1,0 +1,184 @@
+"""The baselines through the real configs, in-process: what each may change (bit for bit), the head saved with the
+run, eval.py run_dir and WiSE-FT of a head (resumes: test_resume.py)."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FAST, changed_entries, checkpoint, compose_cfg, read_results, run_script
+from saft.app import run
+from saft.app.clip import load_clip
+from saft.app.heads import PromptHead
+from saft.errors import ConfigError
+
+STEPS = ["trainer.max_steps=6", "checkpoint.every_n_train_steps=1", "checkpoint.save_top_k=-1"]
+TINY_WIDTH = 64  # conf/model/open_clip/saft-tiny.json: embed_dim and text width
+CLASSES = 6      # dataset=synthetic
+
+
+def _train(out, overrides):
+    cfg = compose_cfg(out, FAST + STEPS + list(overrides))
+    return cfg, run.train(cfg)
+
+
+def _train_script(out, overrides):
+    """Through train.py: eval.py run_dir needs the run's .hydra/ folder."""
+    run_script("train.py", FAST + STEPS + list(overrides) + [f"hydra.run.dir={out}"])
+    return out, read_results(out)
+
+
+def _evaluate(out, overrides):
+    """eval.py; a refusal raises ConfigError with its message, as in-process runs do."""
+    proc = run_script("eval.py", list(overrides) + [f"hydra.run.dir={out}"], check=False)
+    if proc.returncode == 2:
+        raise ConfigError(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_results(out)
+
+
+def _base():
+    return load_clip("saft-tiny", None, 0)[0].state_dict()
+
+
+def _clip(ckpt):
+    return {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
+def _head(ckpt):
+    return {k[len("head."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")}
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    return _train_script(tmp_path_factory.mktemp("probe") / "run", ["method=linear_probe", "method.optimizer.lr=0.05"])
+
+
+def test_linear_probe_leaves_every_clip_weight_bit_exact_and_trains_its_head(probe):
+    out, results = probe
+    ckpt = checkpoint(out)
+    assert ckpt["global_step"] == 6
+    assert changed_entries(_base(), _clip(ckpt)) == {}
+    head = _head(ckpt)
+    assert head["weight"].shape == (TINY_WIDTH, CLASSES) and head["weight"].abs().sum() > 0  # it did train
+    assert results["num_changed"] == 0
+    assert results["num_trainable"] == results["num_head"] == TINY_WIDTH * CLASSES + CLASSES
+    assert results["metrics"] != results["zeroshot_metrics"]  # else a lost head would go unnoticed below
+    assert (out / "head.safetensors").is_file()
+
+
+def test_eval_of_a_probe_run_reproduces_it_and_wise_ft_ends_are_exact(probe, tmp_path):
+    """alpha=1 is the run, alpha=0 the zero-shot model (the probe starts at the zero-shot head), bit for bit."""
+    out, results = probe
+    again = _evaluate(tmp_path / "again", [f"run_dir={out}"])
+    assert again["metrics"] == results["metrics"] and again["weights_sha256"] == results["weights_sha256"]
+    one = _evaluate(tmp_path / "one", [f"run_dir={out}", "wise_alpha=1"])
+    zero = _evaluate(tmp_path / "zero", [f"run_dir={out}", "wise_alpha=0"])
+    half = _evaluate(tmp_path / "half", [f"run_dir={out}", "wise_alpha=0.5"])
+    assert one["metrics"] == results["metrics"] and one["weights_sha256"] == results["weights_sha256"]
+    assert zero["metrics"] == results["zeroshot_metrics"] and zero["num_changed"] == 0
+    assert half["weights_sha256"] not in (results["weights_sha256"], zero["weights_sha256"])
+    assert half["zeroshot_metrics"] == results["zeroshot_metrics"] and half["wise_alpha"] == 0.5
+
+
+def test_eval_without_the_head_file_or_with_a_broken_one_is_refused(probe, tmp_path):
+    import shutil
+    out, _ = probe
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    (copy / "head.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ConfigError, match="does not hold this method's head"):
+        _evaluate(tmp_path / "broken", [f"run_dir={copy}"])
+    (copy / "head.safetensors").unlink()
+    with pytest.raises(ConfigError, match="head.safetensors is missing"):
+        _evaluate(tmp_path / "missing", [f"run_dir={copy}"])
+
+
+def test_lp_ft_probe_phase_leaves_clip_unchanged_then_fine_tunes_the_image_tower(tmp_path):
+    """6 steps, lp_fraction 0.5: steps 1-3 move only the head (CLIP bit-exact, no optimizer state for CLIP), steps
+    4-6 the image tower as well."""
+    cfg, results = _train(tmp_path / "run", ["method=lp_ft", "method.head_lr=0.05", "method.optimizer.lr=1e-3"])
+    base = run.base_state(cfg)
+    n_head = TINY_WIDTH * CLASSES + CLASSES
+    heads = []
+    for step in (1, 2, 3):
+        ckpt = checkpoint(tmp_path / "run", f"step_{step:06d}.ckpt")
+        assert changed_entries(base, _clip(ckpt)) == {}, f"CLIP changed in the probe phase (step {step})"
+        state = ckpt["optimizer_states"][0]["state"]
+        assert sum(s["exp_avg"].numel() for s in state.values()) == n_head  # moments of the head alone
+        heads.append(_head(ckpt)["weight"])
+    assert not torch.equal(heads[0], heads[2])  # the probe did train
+    changed = changed_entries(base, _clip(checkpoint(tmp_path / "run", "step_000004.ckpt")))
+    assert changed and all(name.startswith("visual.") for name in changed)
+    assert results["num_changed"] == sum(i.numel() for i in changed_entries(base, _clip(checkpoint(tmp_path / "run"))).values())
+    assert results["num_trainable"] == n_head + sum(v.numel() for k, v in base.items() if k.startswith("visual.")
+                                                    and "running" not in k and "num_batches" not in k)
+
+
+def test_bitfit_changes_only_bias_vectors(tmp_path):
+    cfg, results = _train(tmp_path / "run", ["method=bitfit", "method.optimizer.lr=0.01"])
+    base = run.base_state(cfg)
+    changed = changed_entries(base, _clip(checkpoint(tmp_path / "run")))
+    assert changed and all(re.search(r"bias$", name) for name in changed), sorted(changed)
+    biases = [n for n in base if n.endswith("bias")]
+    assert results["num_trainable"] == sum(base[n].numel() for n in biases)
+    assert len(changed) > len(biases) // 2  # most bias vectors moved, in both towers
+    assert any(n.startswith("visual.") for n in changed) and any(n.startswith("transformer.") for n in changed)
+
+
+@pytest.fixture(scope="module")
+def coop(tmp_path_factory):
+    return _train_script(tmp_path_factory.mktemp("coop") / "run", ["method=coop", "method.n_ctx=4",
+                                                                    "method.optimizer.lr=0.5"])
+
+
+def test_coop_leaves_both_towers_bit_exact_and_eval_uses_the_learned_prompt(coop, tmp_path):
+    out, results = coop
+    ckpt = checkpoint(out)
+    assert changed_entries(_base(), _clip(ckpt)) == {}
+    assert _head(ckpt)["ctx"].shape == (4, TINY_WIDTH)
+    assert results["num_changed"] == 0 and results["num_trainable"] == 4 * TINY_WIDTH
+    assert results["metrics"] != results["zeroshot_metrics"]  # the learned prompt, not the templates
+    again = _evaluate(tmp_path / "again", [f"run_dir={out}"])
+    assert again["metrics"] == results["metrics"] and again["weights_sha256"] == results["weights_sha256"]
+    with pytest.raises(ConfigError, match="null for a CoOp run"):
+        _evaluate(tmp_path / "wise", [f"run_dir={out}", "wise_alpha=0.5"])
+
+
+def test_coop_context_started_from_words_encodes_exactly_as_those_words():
+    model, _, _, tokenizer = load_clip("saft-tiny", None, 0)
+    names = ["cat", "sports car", "t-shirt/top"]
+    head = PromptHead(model, tokenizer, ctx_init="a photo of a")
+    assert head.n_ctx == 4
+    with torch.no_grad():
+        expected = F.normalize(model.encode_text(tokenizer([f"a photo of a {c}." for c in names])), dim=-1).T
+        assert torch.equal(head(model, names), expected)
+        head.ctx.add_(0.1)
+        assert not torch.equal(head(model, names), expected)
+
+
+def test_coop_context_too_long_for_the_text_model_is_refused_with_the_fix():
+    model, _, _, tokenizer = load_clip("saft-tiny", None, 0)  # 16-token text context
+    with pytest.raises(ConfigError, match=r"lower method.n_ctx .*method.n_ctx=\d+"):
+        PromptHead(model, tokenizer, n_ctx=16).tokens(["sports car"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=linear_probe", "method.towers=[image,text]"], "a list without text when method.head=linear"),
+    (["method=full_ft", "+method.lp_fraction=0.5"], "0 unless method.head=linear"),
+    (["method=full_ft", "method.towers=[]"], "a non-empty list when method.train=true and nothing else"),
+    (["method=coop", "method.n_ctx=0"], "method.n_ctx=0 must be a positive integer"),
+    (["method=bitfit", "method.trainable=['(']"], "method.trainable=['('] must be a list of Python regexes"),
+])
+def test_baseline_settings_that_cannot_work_are_refused_before_training(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _train(tmp_path / "run", overrides)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_benchmark_arms_keep_the_probe_and_coop_frozen_and_finish_end_to_end(tmp_path):
+    """The trade-off experiment trains the image tower; its probe and CoOp arms must still train no CLIP weight."""
+    for arm, towers in (("linear_probe", []), ("coop", []), ("lp_ft", ["image"]), ("bitfit", ["image"])):
+        cfg = compose_cfg(tmp_path / arm, ["experiment=fmnist_tradeoff", f"arm={arm}"])
+        assert list(cfg.method.towers) == towers and cfg.method.name == arm
+    assert compose_cfg(tmp_path / "c", ["experiment=fmnist_tradeoff", "arm=coop"]).method.ctx_init == "a photo of a"
