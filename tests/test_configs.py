@@ -206,12 +206,15 @@ def test_every_arm_sets_its_method_and_keeps_the_experiment_settings(tmp_path, b
     # Everything but the method and its budget is the experiment's, the same in every arm.
     assert {k: v for k, v in cfg.items() if k not in ("method", "sparsity", "hydra")} == \
         {k: v for k, v in baseline.items() if k not in ("method", "sparsity", "hydra")}
-    assert list(cfg.method.towers) == list(baseline.method.towers)
+    # The probe and CoOp train no CLIP weight, whatever towers the experiment fine-tunes.
+    frozen = cfg.method.get("head") in ("linear", "prompt") and not cfg.method.get("lp_fraction")
+    assert list(cfg.method.towers) == ([] if frozen else list(baseline.method.towers))
     assert (cfg.method.schedule, cfg.method.warmup_fraction) == (baseline.method.schedule,
                                                                  baseline.method.warmup_fraction)
+    assert set(cfg.hydra.sweeper.params.arm.split(",")) == set(ARMS)  # the sweep runs every arm
     optimizer = _optimizer(cfg.method)
-    if arm == "full_ft":
-        assert not cfg.method.get("mask") and not isinstance(optimizer, MaskedAdamW)
+    if arm in ("full_ft", "linear_probe", "lp_ft", "bitfit", "coop"):
+        assert cfg.method.name == arm and not cfg.method.get("mask") and not isinstance(optimizer, MaskedAdamW)
         return
     callback = hydra.utils.instantiate(cfg.method.mask)
     assert isinstance(optimizer, MaskedAdamW)
@@ -220,4 +223,3 @@ def test_every_arm_sets_its_method_and_keeps_the_experiment_settings(tmp_path, b
     assert all(M.is_eligible(n, callback.include, callback.exclude) != no_embed for n in EXCLUDED)
     assert all(M.is_eligible(n, callback.include, callback.exclude) for n in ELIGIBLE)
     assert callback.sparsity == pytest.approx(baseline.method.mask.sparsity * (10 if arm.endswith("1pct") else 1))
-    assert set(cfg.hydra.sweeper.params.arm.split(",")) == set(ARMS)  # the sweep runs every arm

@@ -36,6 +36,19 @@ def test_experiment_composes_and_runs_a_few_steps_on_fixture_data(data, tmp_path
         assert {"dtd", "eurosat", "ucf101"} <= set(results["ood"])
 
 
+@pytest.mark.parametrize("method", ["linear_probe", "coop"])
+def test_base_to_new_with_a_head_of_its_own_keeps_new_classes_on_the_text_head(data, tmp_path, method):
+    """The probe knows only the base classes (new ones keep the zero-shot head: its new accuracy is zero-shot's);
+    CoOp's learned prompt takes any class name (its new-class head: test_baselines.py runs the same code)."""
+    cfg = compose_cfg(tmp_path, ["experiment=base2new", *TINY, f"data_dir={data}", f"method={method}",
+                                 "++method.n_ctx=4", "eval_zeroshot=true", "method.optimizer.lr=0.5"])
+    assert "linear_probe,lp_ft,bitfit,coop" in cfg.hydra.sweeper.params.method  # the table's baselines
+    results = run.train(cfg)
+    assert results["id"] == "base" and results["ood"] == ["new"] and (tmp_path / "head.safetensors").is_file()
+    if method == "linear_probe":
+        assert results["metrics"]["new"] == results["zeroshot_metrics"]["new"]
+
+
 def test_slurm_launcher_starts_one_task_per_gpu(tmp_path):
     cfg = compose_cfg(tmp_path, ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"])  # composes only
     launcher = cfg.hydra.launcher

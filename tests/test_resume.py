@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import FAST, ROOT, checkpoint, ckpt_masks, ckpt_params, compose_cfg, read_results, run_script
+from conftest import FAST, ROOT, checkpoint, ckpt_masks, compose_cfg, read_results, run_script
 from datamodules.base import EpochSeededSampler
 from saft.app import run
 from saft.callback import SparseMaskCallback
@@ -24,7 +24,10 @@ from saft.errors import ConfigError
 
 STEPS = ["trainer.max_steps=9", "checkpoint.every_n_train_steps=1", "checkpoint.save_top_k=-1"]
 METHODS = {"saft": ["sparsity=0.01", "method.optimizer.lr=0.01"],
-           "full_ft": ["method=full_ft", "method.optimizer.lr=1e-4"]}
+           "full_ft": ["method=full_ft", "method.optimizer.lr=1e-4"],
+           # 9 steps: the probe phase is steps 1-4 (round(0.5 * 9) = 4), fine-tuning 5-9
+           "lp_ft": ["method=lp_ft", "method.optimizer.lr=1e-3", "method.head_lr=0.05"],
+           "coop": ["method=coop", "method.n_ctx=4", "method.optimizer.lr=0.5"]}
 
 
 def _train(out, overrides=()):
@@ -36,10 +39,11 @@ def _step(run_dir, step):
 
 
 def _assert_finishes_identically(reference, resumed):
-    """Every tensor of the trained model bit for bit, the mask, the step count and the metrics."""
+    """Every tensor of the trained model (and of the method's head) bit for bit, the mask, the step count and the
+    metrics."""
     ref, got = checkpoint(reference), checkpoint(resumed)
     assert got["global_step"] == ref["global_step"]
-    a, b = ckpt_params(ref), ckpt_params(got)
+    a, b = ref["state_dict"], got["state_dict"]
     assert a.keys() == b.keys()
     differ = [n for n in a if not torch.equal(a[n], b[n])]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
@@ -119,6 +123,15 @@ def test_resume_inside_epoch_0_finishes_identically(reference, tmp_path, monkeyp
         out = tmp_path / f"from_{step}"
         _train(out, METHODS[method] + [f"ckpt_path={_step(ref, step)}"])
         _assert_finishes_identically(ref, out)
+
+
+@pytest.mark.parametrize("method, step", [("lp_ft", 2), ("lp_ft", 4), ("lp_ft", 6), ("coop", 4)])
+def test_baselines_resume_in_any_phase_and_finish_identically(reference, tmp_path, method, step):
+    """LP-FT from inside its probe phase, from its last probe step and from inside fine-tuning; CoOp mid-run."""
+    out = tmp_path / "resumed"
+    _train(out, METHODS[method] + [f"ckpt_path={_step(reference(method), step)}"])
+    _assert_finishes_identically(reference(method), out)
+    assert any(k.startswith("head.") for k in checkpoint(out)["state_dict"])
 
 
 @pytest.mark.parametrize("step, workers", [(3, 0), (4, 0), (8, 0), (3, 1), (5, 1)])
