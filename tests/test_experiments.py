@@ -172,23 +172,23 @@ def test_wise_evals_are_rows_of_their_own_and_never_join_the_full_ft_reference()
     table = matched_id_table(Runs(finished=[ft, saft, ft_wise, saft_wise]))
     assert table.columns == ["ID gain", "OOD change", "OOD vs full FT", "n", "OOD vs WiSE-FT", "n WiSE"]
     rows = {label: cells for label, cells in table.rows}
-    assert set(rows) == {"full_ft, wise_alpha=None", "full_ft, wise_alpha=0.5", "saft, wise_alpha=None",
+    assert set(rows) == {"full_ft", "full_ft, wise_alpha=0.5", "saft",
                          "saft, wise_alpha=0.5"}
     # Full FT's reference is (20, 80) -> (30, 70) only: 75 at ID 25 (through FT's WiSE point (28, 78) it would be
     # 78.75), 72 at ID 28, 77 at ID 23.
-    assert rows["saft, wise_alpha=None"][2].values == pytest.approx([79.0 - 75.0])
+    assert rows["saft"][2].values == pytest.approx([79.0 - 75.0])
     assert rows["full_ft, wise_alpha=0.5"][2].values == pytest.approx([78.0 - 72.0])
     assert rows["saft, wise_alpha=0.5"][2].values == pytest.approx([80.0 - 77.0])
     assert rows["saft, wise_alpha=0.5"][0].values == [3.0] and rows["saft, wise_alpha=0.5"][1].values == [0.0]
-    assert rows["full_ft, wise_alpha=None"][2:4] == ["reference", 1]
+    assert rows["full_ft"][2:4] == ["reference", 1]
     assert rows["full_ft, wise_alpha=0.5"][4:] == ["reference", 1]  # full FT's WiSE evals are that reference
     # FT's WiSE-FT curve (20, 80) -> (28, 78) -> (30, 70) at ID 25: 78.75; at ID 23: 79.25; at ID 30: 70.
-    assert rows["saft, wise_alpha=None"][4].values == pytest.approx([79.0 - 78.75])
+    assert rows["saft"][4].values == pytest.approx([79.0 - 78.75])
     assert rows["saft, wise_alpha=0.5"][4].values == pytest.approx([80.0 - 79.25])
-    assert rows["full_ft, wise_alpha=None"][4].values == pytest.approx([0.0])
+    assert rows["full_ft"][4].values == pytest.approx([0.0])
     summary = {label: cells for label, cells in summary_table(Runs(finished=[ft, saft, ft_wise, saft_wise])).rows}
     assert summary["full_ft, wise_alpha=0.5"][0].values == [28.0]
-    assert summary["full_ft, wise_alpha=None"][0].values == [30.0]
+    assert summary["full_ft"][0].values == [30.0]
     # Without WiSE evaluations of full FT there is nothing to compare with: the table is today's.
     today = ["ID gain", "OOD change", "OOD vs full FT", "n"]
     assert matched_id_table(Runs(finished=[ft, saft, saft_wise])).columns == today
@@ -204,7 +204,7 @@ def test_ood_vs_wise_ft_is_the_best_full_ft_wise_curve_that_covers_the_id():
             runs.append(_wise(high, 0.5, 32.0, 74.0))  # seed 2's lr 3e-5 has no WiSE evals, hence no WiSE curve
     runs += [_run("saft", 1, 29.0, 77.0, 1e-3), _run("saft", 2, 35.0, 65.0, 1e-3)]
     rows = {label: cells for label, cells in matched_id_table(Runs(finished=runs)).rows}
-    saft = rows["saft, lr=0.001, wise_alpha=None"]  # lr and wise_alpha vary among full FT's rows: labels show them
+    saft = rows["saft, lr=0.001"]  # lr and wise_alpha vary among full FT's rows: labels show them
     # Seed 1 at ID 29: the lr 1e-5 curve (20, 80) -> (26, 78) -> (30, 70) gives 72, the lr 3e-5 curve
     # (20, 80) -> (32, 74) -> (40, 50) gives 75.5; the best is 75.5. Seed 2 at ID 35 lies beyond its only
     # curve (up to ID 30): left out. Full FT's learning-rate curve (20, 80) -> (30, 70) -> (40, 50): 71 and 60.
@@ -257,8 +257,8 @@ def test_report_command_compares_with_wise_ft_from_results_files(tmp_path, monke
         (tmp_path / "runs" / name / "results.json").write_text(json.dumps(result))
     report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     matched = _rows(tmp_path / "report" / "matched_id.csv")
-    assert float(matched["saft, wise_alpha=None"]["OOD vs WiSE-FT mean"]) == pytest.approx(79.0 - 78.75)
-    assert float(matched["saft, wise_alpha=None"]["OOD vs full FT mean"]) == pytest.approx(79.0 - 75.0)
+    assert float(matched["saft"]["OOD vs WiSE-FT mean"]) == pytest.approx(79.0 - 78.75)
+    assert float(matched["saft"]["OOD vs full FT mean"]) == pytest.approx(79.0 - 75.0)
     assert "full_ft, wise_alpha=0.5" in _rows(tmp_path / "report" / "summary.csv")
     (_, _, _, wise), = drawn
     assert [len(points) for points in wise["full_ft"]] == [3]  # zero-shot, alpha 0.5, the run
@@ -348,3 +348,16 @@ def test_base_to_new_average_is_over_the_11_datasets_of_one_configuration():
     assert [c.mean for c in average[:3]] == pytest.approx([statistics.mean(v) for v in per_dataset])
     assert all(cell.values == [] for cell in rows["average: saft, lr=0.01"][:3])
     assert [label for label in rows if label.startswith("dtd")] == ["dtd: saft, lr=0.001"]
+
+
+def test_methods_that_train_no_tower_meet_the_full_ft_of_their_experiment():
+    """The probe and CoOp record towers [] while the experiment's full FT trains the image tower: they must still
+    be compared with it (and a run whose experiment has two FT tower settings is not guessed at)."""
+    from saft.report.tables import Runs, matched_id_table
+    ft = [_run("full_ft", 1, 30.0, 70.0, 1e-5), _run("full_ft", 2, 30.0, 70.0, 1e-5)]
+    probe = {**_run("linear_probe", 1, 25.0, 79.0, 1e-4), "towers": []}
+    rows = {label: cells for label, cells in matched_id_table(Runs(finished=ft + [probe])).rows}
+    assert rows["linear_probe"][2].values == pytest.approx([79.0 - 75.0])
+    text_ft = {**_run("full_ft", 1, 30.0, 60.0, 1e-5), "towers": ["text"]}
+    rows = {label: cells for label, cells in matched_id_table(Runs(finished=ft + [text_ft, probe])).rows}
+    assert rows[next(k for k in rows if k.startswith("linear_probe"))][2].values == []

@@ -116,7 +116,8 @@ def _top1(name: str):
 def _label(run: dict, varying: Sequence[str]) -> str:
     def show(value):
         return f"{value:.3g}" if isinstance(value, float) else value
-    shown = [k for k in varying if k != "method" and not _moot(run, k)]
+    shown = [k for k in varying if k != "method" and not _moot(run, k)
+             and not (k == "wise_alpha" and run.get(k) is None)]  # a training run: no alpha to show
     return ", ".join([run["method"]] + [f"{k}={show(run.get(k))}" for k in shown])
 
 
@@ -327,6 +328,15 @@ def matched_id_table(runs: Runs) -> Optional[Table]:
         return json.dumps([r.get("experiment"), r["dataset"], r["model"], r["shots"], r.get("protocol"),
                            r.get("towers"), r["seed"]])
 
+    def reference(r, table):
+        """The key of ``table`` r is compared with. A method that trains no tower (linear probe, CoOp) meets the
+        full FT of its experiment and seed whatever towers that trains, when there is exactly one."""
+        if r.get("towers"):
+            return context(r)
+        own = json.loads(context(r))
+        keys = [k for k in table if (lambda c: c[:5] == own[:5] and c[6] == own[6])(json.loads(k))]
+        return keys[0] if len(keys) == 1 else context(r)
+
     def wise_curve(r):  # an FT training run and its WiSE evaluations share it
         return context(r), settings_key(r, skip=("wise_alpha",))
     full_ft = [r for r in measured if r["method"] == "full_ft"]
@@ -342,13 +352,14 @@ def matched_id_table(runs: Runs) -> Optional[Table]:
             wise[context(r)][wise_curve(r)] |= points
 
     def versus_ft(r):
-        (x, y), curve = _id_ood(r), ft.get(context(r))
+        (x, y), curve = _id_ood(r), ft.get(reference(r, ft))
         at = interpolate(list(curve), x) if curve else None
         return None if at is None else y - at
 
     def versus_wise(r):
         (x, y) = _id_ood(r)
-        reached = [at for at in (interpolate(list(c), x) for c in wise.get(context(r), {}).values()) if at is not None]
+        curves = wise.get(reference(r, wise), {}).values()
+        reached = [at for at in (interpolate(list(c), x) for c in curves) if at is not None]
         return y - max(reached) if reached else None
 
     def versus(group, reference, value):
