@@ -24,7 +24,7 @@ from saft.optim import MaskedAdamW
 from saft.select import eligible_parameters, select_mask
 
 log = logging.getLogger(__name__)
-SELECTIONS = ("gradient", "random")
+SELECTIONS = ("gradient", "random", "magnitude")
 
 
 def _distributed() -> bool:
@@ -35,7 +35,8 @@ class SparseMaskCallback(pl.Callback):
     """Selects exactly k = round(sparsity * N_eligible) entries and lets only those train.
 
     ``selection=gradient`` scores entries on the whole few-shot training set (SAFT);
-    ``selection=random`` draws them uniformly with ``seed`` (the random-mask ablation). Eligible
+    ``selection=random`` draws them uniformly with ``seed`` (the random-mask ablation);
+    ``selection=magnitude`` takes the entries of largest pre-trained |weight| (no data seen). Eligible
     entries: parameters of the trained towers matching ``include`` (if given) and no ``exclude`` regex.
     The mask is part of the callback state, so a resumed run restores it instead of recomputing it.
     ``model_attr`` names the LightningModule's attribute that holds the network to sparsify (``None``: the
@@ -117,6 +118,8 @@ class SparseMaskCallback(pl.Callback):
     def _select(self, trainer, pl_module, eligible, k) -> Mask:
         if self.selection == "random":
             mask = select_topk(random_scores({n: p.shape for n, p in eligible.items()}, self.seed), k, self.scope)
+        elif self.selection == "magnitude":
+            mask = select_topk({n: p.detach().abs().float().cpu() for n, p in eligible.items()}, k, self.scope)
         else:
             to_device = trainer.strategy.batch_to_device
             mask = select_mask(self.network(pl_module), self.scoring_batches(trainer, pl_module),

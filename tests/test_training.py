@@ -39,7 +39,7 @@ def _assert_frozen_outside_mask(cfg, out_dir, results):
     return masks
 
 
-@pytest.mark.parametrize("method", ["saft", "random_mask"])
+@pytest.mark.parametrize("method", ["saft", "random_mask", "magnitude_mask"])
 def test_entries_outside_the_mask_stay_bit_exact(tmp_path, method):
     """AdamW weight decay, gradient clipping and bf16 autocast all on."""
     cfg, results = _train(tmp_path, method, [f"method={method}", "sparsity=0.01", "trainer.precision=bf16-mixed",
@@ -61,6 +61,23 @@ def test_every_score_and_scope_trains_exactly_k_entries_of_its_own_mask(tmp_path
     assert masks.keys() != default.keys() or any(not torch.equal(masks[n], default[n]) for n in masks)
     if scope == "per_tensor":  # every tensor of the towers gets its share of k
         assert len(masks) >= 0.9 * sum(1 for v in run.base_state(cfg).values() if 0.005 * v.numel() >= 1)
+
+
+def test_magnitude_mask_holds_the_largest_pretrained_weights(tmp_path):
+    from saft.mask import tower_of
+    cfg, results = _train(tmp_path, "mag", ["method=magnitude_mask", "sparsity=0.01"])
+    masks = ckpt_masks(checkpoint(tmp_path / "mag"))
+    base = run.base_state(cfg)
+    eligible = [n for n, _ in run.load_clip("saft-tiny", None, 0)[0].named_parameters() if tower_of(n) in ("image", "text")]
+
+    def unpicked(name):
+        keep = torch.ones(base[name].numel(), dtype=torch.bool)
+        keep[masks.get(name, torch.tensor([], dtype=torch.long))] = False
+        return base[name].reshape(-1).abs()[keep]
+    picked = torch.cat([base[n].reshape(-1)[masks[n]].abs() for n in masks])
+    others = torch.cat([unpicked(n) for n in eligible])
+    assert picked.numel() == results["num_trainable"] == round(0.01 * (picked.numel() + others.numel()))
+    assert picked.min() >= others.max()  # top-k of |weight| (ties at the threshold may go either way)
 
 
 def test_eligibility_patterns_restrict_the_mask(tmp_path):
