@@ -175,6 +175,14 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(refere
     assert not (tmp_path / "b" / "split.json").exists() and not (tmp_path / "b" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("method, change, named", [("lp_ft", "method.lp_fraction=0.25", "lp_fraction"),
+                                                   ("lp_ft", "method.head_lr=0.01", "head_lr"),
+                                                   ("coop", "method.n_ctx=3", "n_ctx")])
+def test_resume_of_a_baseline_with_its_own_settings_changed_is_refused(reference, tmp_path, method, change, named):
+    with pytest.raises(ConfigError, match=rf"was trained with .*{named}.*resume with the run's own config"):
+        _train(tmp_path / "b", METHODS[method] + [change, f"ckpt_path={_step(reference(method), 3)}"])
+
+
 def test_resume_inside_an_epoch_with_another_batch_size_is_refused(reference, tmp_path):
     """The samples trained before a mid-epoch checkpoint are known only for the run's own batches."""
     with pytest.raises(ConfigError, match="cannot be skipped"):

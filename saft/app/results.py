@@ -21,6 +21,7 @@ def run_settings(cfg) -> Dict:
             "mask_include": list(mask.get("include") or []), "mask_exclude": list(mask.get("exclude") or [])}
 
 
+_METHOD_KEYS = ("head", "trainable", "lp_fraction", "head_lr", "n_ctx", "ctx_init")
 # Data options that do not change what is trained: where the files are, how they are loaded.
 _NOT_TRAINING = ("data_dir", "root", "variant_dirs", "num_workers", "eval_batch_size", "download", "batch_size")
 
@@ -37,7 +38,10 @@ def resume_settings(cfg) -> Dict:
             "schedule": method.get("schedule"), "warmup_fraction": method.get("warmup_fraction"),
             "max_steps": trainer.get("max_steps"), "max_epochs": trainer.get("max_epochs"),
             "accumulate_grad_batches": trainer.get("accumulate_grad_batches"),
-            "datamodule": {k: v for k, v in datamodule.items() if k not in _NOT_TRAINING}}
+            "datamodule": {k: v for k, v in datamodule.items() if k not in _NOT_TRAINING},
+            # the baselines' own keys, only where a method has them (older checkpoints stay resumable)
+            **{f"method.{k}": OmegaConf.to_container(method[k]) if OmegaConf.is_config(method[k]) else method[k]
+               for k in _METHOD_KEYS if k in method}}
 
 
 def build_results(settings: Mapping, *, num_params: int, num_trainable: int, num_changed: int,
