@@ -139,6 +139,8 @@ def test_coop_leaves_both_towers_bit_exact_and_eval_uses_the_learned_prompt(coop
     assert _head(ckpt)["ctx"].shape == (4, TINY_WIDTH)
     assert results["num_changed"] == 0 and results["num_trainable"] == 4 * TINY_WIDTH
     assert results["metrics"] != results["zeroshot_metrics"]  # the learned prompt, not the templates
+    # The reference before training is zero-shot CLIP with its templates, not the random initial prompt.
+    assert _evaluate(tmp_path / "zeroshot", FAST)["metrics"] == results["zeroshot_metrics"]
     again = _evaluate(tmp_path / "again", [f"run_dir={out}"])
     assert again["metrics"] == results["metrics"] and again["weights_sha256"] == results["weights_sha256"]
     with pytest.raises(ConfigError, match="null for a CoOp run"):
@@ -161,6 +163,18 @@ def test_coop_context_too_long_for_the_text_model_is_refused_with_the_fix():
     model, _, _, tokenizer = load_clip("saft-tiny", None, 0)  # 16-token text context
     with pytest.raises(ConfigError, match=r"lower method.n_ctx .*method.n_ctx=\d+"):
         PromptHead(model, tokenizer, n_ctx=16).tokens(["sports car"])
+    with pytest.raises(ConfigError, match="shorten method.ctx_init"):
+        PromptHead(model, tokenizer, ctx_init=" ".join(["photo"] * 12)).tokens(["sports car"])
+    for words in (" ".join(["photo"] * 16), "   "):  # too long to leave room for a class name; no word at all
+        with pytest.raises(ConfigError, match="method.ctx_init=.* must have at least one"):
+            PromptHead(model, tokenizer, ctx_init=words)
+
+
+def test_coop_prompt_that_cannot_fit_is_refused_before_anything_runs(tmp_path):
+    """Checked for every eval set's class names when the model is built, not at the final test."""
+    with pytest.raises(ConfigError, match="lower method.n_ctx"):
+        _train(tmp_path / "run", ["method=coop"])  # CoOp's 16 tokens do not fit the tiny model's 16-token context
+    assert not (tmp_path / "run" / "split.json").exists()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -168,6 +182,9 @@ def test_coop_context_too_long_for_the_text_model_is_refused_with_the_fix():
     (["method=full_ft", "+method.lp_fraction=0.5"], "0 unless method.head=linear"),
     (["method=full_ft", "method.towers=[]"], "a non-empty list when method.train=true and nothing else"),
     (["method=coop", "method.n_ctx=0"], "method.n_ctx=0 must be a positive integer"),
+    (["method=coop", "method.ctx_init=''"], "method.ctx_init='' must be null or words"),
+    (["method=lp_ft", "method.lp_fraction=0.05"], "leaves 0 probe steps and 6 fine-tuning steps"),
+    (["method=lp_ft", "method.lp_fraction=0.95"], "leaves 6 probe steps and 0 fine-tuning steps"),
     (["method=bitfit", "method.trainable=['(']"], "method.trainable=['('] must be a list of Python regexes"),
 ])
 def test_baseline_settings_that_cannot_work_are_refused_before_training(tmp_path, overrides, message):

@@ -361,3 +361,13 @@ def test_methods_that_train_no_tower_meet_the_full_ft_of_their_experiment():
     text_ft = {**_run("full_ft", 1, 30.0, 60.0, 1e-5), "towers": ["text"]}
     rows = {label: cells for label, cells in matched_id_table(Runs(finished=ft + [text_ft, probe])).rows}
     assert rows[next(k for k in rows if k.startswith("linear_probe"))][2].values == []
+
+
+def test_a_plain_re_evaluation_of_a_run_is_not_a_second_seed(tmp_path):
+    from saft.report.tables import _without_reevaluations
+    run = _run("saft", 1, 25.0, 79.0, 1e-3)
+    again = {**run, "run_dir": "runs/saft", "wise_alpha": None}
+    other_data = {**again, "metrics": {**run["metrics"], "d2": {"top1": 50.0}}}
+    half = {**again, "wise_alpha": 0.5}
+    assert _without_reevaluations([run, again, other_data, half]) == [run, other_data, half]
+    assert _without_reevaluations([again]) == [again]  # without its run, the evaluation is the measurement

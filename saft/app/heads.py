@@ -48,13 +48,20 @@ class PromptHead(nn.Module):
                               f"no {', '.join(missing)} (a Hugging Face text tower cannot take learned context)")
         self.tokenizer = tokenizer
         embedding = model.token_embedding
-        if ctx_init:
-            tokens = tokenizer([ctx_init])
+        if ctx_init is not None:
+            length = tokenizer.context_length
+            tokens = tokenizer([ctx_init], context_length=4 * length)
             n_ctx = int(tokens.argmax(dim=-1)) - 1  # the words between [SOS] and [EOS]
+            if not 0 < n_ctx <= length - 3:
+                raise ConfigError(f"method.ctx_init={ctx_init!r} has {n_ctx} tokens; it must have at least one and "
+                                  f"leave room for a class name in the {length}-token text context, "
+                                  f"e.g. method.ctx_init='a photo of a'")
+            tokens = tokens[:, :length]
             with torch.no_grad():
                 ctx = embedding(tokens.to(embedding.weight.device))[0, 1:1 + n_ctx].clone()
-            self.prefix_text = ctx_init
+            self.prefix_text, self.init_text = ctx_init, True
         else:
+            self.init_text = False
             ctx = torch.empty(n_ctx, embedding.weight.shape[1]).normal_(std=0.02)
             self.prefix_text = " ".join(["X"] * n_ctx)  # placeholders whose embeddings are replaced
         self.n_ctx = n_ctx
@@ -68,9 +75,12 @@ class PromptHead(nn.Module):
             length = self.tokenizer.context_length
             needed = int((self.tokenizer(texts, context_length=4 * length) > 0).sum(dim=-1).max())
             if needed > length:
-                raise ConfigError(f"CoOp's prompt of {self.n_ctx} context tokens plus the longest class name needs "
-                                  f"{needed} tokens and this model's text context holds {length}; lower "
-                                  f"method.n_ctx by {needed - length} or more, e.g. method.n_ctx={self.n_ctx - (needed - length)}")
+                fix = (f"shorten method.ctx_init by {needed - length} tokens or more" if self.init_text else
+                       f"lower method.n_ctx by {needed - length} or more, e.g. "
+                       f"method.n_ctx={max(1, self.n_ctx - (needed - length))}")
+                raise ConfigError(f"CoOp's prompt of {self.n_ctx} context tokens plus the longest class name "
+                                  f"({max(classnames, key=len)!r}) needs {needed} tokens and this model's text context "
+                                  f"holds {length}; {fix}")
             self._tokens[key] = self.tokenizer(texts)
         return self._tokens[key]
 

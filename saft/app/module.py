@@ -200,8 +200,9 @@ class CLIPClassifier(pl.LightningModule):
                 (no_decay if p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
                  else decay).append(p)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self.head is not None:
-            groups.append({"params": list(self.head.parameters()), "head": True})
+        if self.head is not None:  # a linear probe is not decayed (decay would pull it to the zero-shot head)
+            decay_head = {} if isinstance(self.head, PromptHead) else {"weight_decay": 0.0}
+            groups.append({"params": list(self.head.parameters()), "head": True, **decay_head})
         optimizer = self.optimizer_factory([g for g in groups if g["params"]])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if self.lp_fraction:
@@ -217,6 +218,10 @@ class CLIPClassifier(pl.LightningModule):
         every trained parameter at the optimizer's lr; ``schedule`` (warm-up + cosine, or constant) restarts
         with each phase."""
         self.probe_steps = int(round(self.lp_fraction * total))
+        if not 0 < self.probe_steps < total:
+            raise ConfigError(f"method.lp_fraction={self.lp_fraction} of {total} training steps leaves "
+                              f"{self.probe_steps} probe steps and {total - self.probe_steps} fine-tuning steps; "
+                              f"LP-FT needs at least one of each: train longer or choose another lp_fraction")
 
         def shape(step: int, length: int) -> float:
             if self.schedule == "constant":

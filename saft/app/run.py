@@ -17,6 +17,7 @@ import open_clip
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -29,7 +30,7 @@ from saft.atomic import atomic_path
 from saft.app.clip import load_clip
 from saft.delta import (apply_delta, compute_delta, interpolate_delta, load_delta, num_changed, save_delta,
                         state_checksum)
-from saft.app.heads import build_head
+from saft.app.heads import LinearHead, PromptHead, build_head
 from saft.app.module import CLIPClassifier
 from saft.app.pretrain import resolve_pretrained
 from saft.app.progress import progress_bars
@@ -97,6 +98,9 @@ def build(cfg: DictConfig):
     optimizer = hydra.utils.instantiate(method.optimizer) if method.train else None
     head = build_head(method, model, tokenizer, datamodule.classnames(),
                       open_clip.get_model_config(cfg.model.name)["embed_dim"])
+    if isinstance(head, PromptHead):  # every prompt must fit the text context: known now, not at the final test
+        for names in [datamodule.classnames()] + [s.classnames for s in datamodule.eval_sets()]:
+            head.tokens(names)
     module = CLIPClassifier(model, tokenizer, optimizer, towers=list(method.towers),
                             warmup_fraction=method.warmup_fraction, schedule=method.schedule,
                             run_settings=resume_settings(cfg), head=head,
@@ -228,7 +232,8 @@ def write_artifacts(cfg, module, datamodule, mask_callback, before=None) -> dict
                base=base)
     if module.head is not None:
         with atomic_path(out / HEAD) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()}, str(tmp),
+                      metadata={"classnames": json.dumps(list(module.classnames))})
     if mask_callback is not None:
         num_trainable, extra = mask_callback.stats["mask/k"], {"mask": mask_callback.stats}
     else:
@@ -262,12 +267,16 @@ def load_head(head: torch.nn.Module, path: Path, alpha=None) -> None:
                           f"evaluate a complete run dir")
     try:
         tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            classnames = json.loads((f.metadata() or {})["classnames"])
         if alpha is not None:
             tensors = {k: torch.lerp(torch.zeros_like(v), v, alpha) for k, v in tensors.items()}
         head.load_state_dict(tensors)
     except Exception as e:
         raise ConfigError(f"{path} does not hold this method's head ({str(e).splitlines()[0][:200]}); the file is "
                           f"corrupt or belongs to another run") from None
+    if isinstance(head, LinearHead):
+        head.classnames = classnames  # the probe applies to the classes it was trained on, whatever data is evaluated
 
 
 def compose_for_run(run_dir: Path, overrides: Sequence[str], composed: DictConfig) -> DictConfig:

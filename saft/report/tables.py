@@ -57,7 +57,16 @@ def collect(dirs: Sequence[Path]) -> Runs:
             else:
                 runs.unfinished.append(run_dir)
             runs.planned.append(run_settings(OmegaConf.load(config)))
+    runs.finished = _without_reevaluations(runs.finished)
     return runs
+
+
+def _without_reevaluations(finished: List[dict]) -> List[dict]:
+    """``eval.py run_dir=RUN`` without ``wise_alpha`` on RUN's own data measures RUN again: with RUN in the report
+    it would count as a second seed. It stays when RUN is not there, or when it evaluated other data."""
+    trained = {(settings_key(r), r["seed"], json.dumps(sorted(r["metrics"]))) for r in finished if not r.get("run_dir")}
+    return [r for r in finished if not (r.get("run_dir") and r.get("wise_alpha") is None and
+                                        (settings_key(r), r["seed"], json.dumps(sorted(r["metrics"]))) in trained)]
 
 
 def _moot(run: dict, key: str) -> bool:
