@@ -81,6 +81,18 @@ def test_eval_of_a_probe_run_reproduces_it_and_wise_ft_ends_are_exact(probe, tmp
     assert half["zeroshot_metrics"] == results["zeroshot_metrics"] and half["wise_alpha"] == 0.5
 
 
+def test_wise_ft_scales_the_probes_change_by_alpha(probe):
+    from saft.app.heads import LinearHead
+    from safetensors.torch import load_file
+    out, _ = probe
+    trained = load_file(out / "head.safetensors")
+    head = LinearHead(TINY_WIDTH, ["x"] * CLASSES)
+    run.load_head(head, out / "head.safetensors", 0.25)
+    for name, value in trained.items():
+        assert torch.allclose(getattr(head, name), 0.25 * value, rtol=1e-6, atol=0) and value.abs().sum() > 0
+    assert len(head.classnames) == CLASSES and head.classnames != ["x"] * CLASSES  # the run's classes, from the file
+
+
 def test_eval_without_the_head_file_or_with_a_broken_one_is_refused(probe, tmp_path):
     import shutil
     out, _ = probe

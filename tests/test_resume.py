@@ -162,6 +162,19 @@ def test_requeue_after_max_steps_reports_the_trained_model(tmp_path, method):
     assert read_results(requeued)["num_changed"] == finished["num_changed"]
 
 
+@pytest.mark.parametrize("method", ["lp_ft", "coop"])
+def test_requeue_after_max_steps_reports_the_trained_head(reference, tmp_path, method):
+    """Killed during the final test, the same command again must test (and save) the trained head, not a new one."""
+    requeued = tmp_path / "requeued"
+    shutil.copytree(reference(method), requeued)
+    for name in ("results.json", "delta.safetensors", "head.safetensors"):
+        (requeued / name).unlink()
+    _train(requeued, METHODS[method])
+    _assert_finishes_identically(reference(method), requeued)
+    assert read_results(requeued)["weights_sha256"] == read_results(reference(method))["weights_sha256"]
+    assert (requeued / "head.safetensors").read_bytes() == (reference(method) / "head.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("change, named", [
     (["trainer.max_steps=6"], "max_steps"), (["sparsity=0.02"], "sparsity"), (["method.mask.score=fisher"], "mask_score"),
     (["method.optimizer.lr=0.05"], "lr"), (["shots=3"], "shots"), (["seed=2"], "seed"),
