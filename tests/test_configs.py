@@ -30,7 +30,7 @@ ARMS = sorted(p.stem for p in (Path(CONF) / "arm").glob("*.yaml"))
 
 def test_every_group_has_the_options_the_docs_promise():
     assert {"tiny", "vit_b16", "fmnist_clip"} <= set(GROUPS["model"])
-    assert {"saft", "full_ft", "random_mask", "zeroshot"} <= set(GROUPS["method"])
+    assert {"saft", "full_ft", "random_mask", "magnitude_mask", "zeroshot", "linear_probe", "lp_ft", "bitfit", "coop"} <= set(GROUPS["method"])
     assert {"default", "cpu", "gpu", "ddp"} <= set(GROUPS["trainer"])
     assert {"csv", "wandb"} <= set(GROUPS["logger"])
     assert {"synthetic", "fmnist_styles"} <= set(GROUPS["dataset"])
@@ -60,7 +60,7 @@ def _check_method(cfg, tmp_path, option):
         assert isinstance(callback, SparseMaskCallback)
         # The top-level keys are the callback's (test_top_level_keys_flow_... overrides them).
         assert (callback.sparsity, callback.seed) == (cfg.sparsity, cfg.seed)
-        assert callback.selection == ("random" if option == "random_mask" else "gradient")
+        assert callback.selection == {"random_mask": "random", "magnitude_mask": "magnitude"}.get(option, "gradient")
 
 
 def _check_trainer(cfg, tmp_path, option):
