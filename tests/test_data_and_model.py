@@ -98,7 +98,7 @@ def test_logits_use_a_clamped_scale(tiny):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)  # exp(10) would be ~22026
-        logits = module(images, head)
+        logits = module(images, (head, None))  # (weight, bias): the text head has no bias
         features = model.encode_image(images, normalize=True)
     torch.testing.assert_close(logits, 100.0 * features @ head)
     assert model.logit_scale.item() == 10.0  # the parameter itself is not rewritten
