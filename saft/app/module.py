@@ -204,11 +204,11 @@ class CLIPClassifier(pl.LightningModule):
             decay_head = {} if isinstance(self.head, PromptHead) else {"weight_decay": 0.0}
             groups.append({"params": list(self.head.parameters()), "head": True, **decay_head})
         optimizer = self.optimizer_factory([g for g in groups if g["params"]])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
         if self.lp_fraction:
-            return self._probe_then_tune(optimizer, total)
+            return self._probe_then_tune(optimizer, max(1, int(self.trainer.estimated_stepping_batches)))
         if self.schedule == "constant":
             return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(self.warmup_fraction * total))
         scheduler = warmup_cosine(optimizer, total, warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
