@@ -73,7 +73,8 @@ class PromptHead(nn.Module):
         if key not in self._tokens:
             texts = [f"{self.prefix_text} {c}." for c in classnames]
             length = self.tokenizer.context_length
-            needed = int((self.tokenizer(texts, context_length=4 * length) > 0).sum(dim=-1).max())
+            tokens = self.tokenizer(texts, context_length=4 * length)  # long enough to count what would be cut
+            needed = int((tokens > 0).sum(dim=-1).max())
             if needed > length:
                 fix = (f"shorten method.ctx_init by {needed - length} tokens or more" if self.init_text else
                        f"lower method.n_ctx by {needed - length} or more, e.g. "
@@ -81,7 +82,7 @@ class PromptHead(nn.Module):
                 raise ConfigError(f"CoOp's prompt of {self.n_ctx} context tokens plus the longest class name "
                                   f"({max(classnames, key=len)!r}) needs {needed} tokens and this model's text context "
                                   f"holds {length}; {fix}")
-            self._tokens[key] = self.tokenizer(texts)
+            self._tokens[key] = tokens[:, :length].contiguous()
         return self._tokens[key]
 
     def forward(self, model: nn.Module, classnames: Sequence[str]) -> torch.Tensor:

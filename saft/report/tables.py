@@ -342,8 +342,10 @@ def matched_id_table(runs: Runs) -> Optional[Table]:
         full FT of its experiment and seed whatever towers that trains, when there is exactly one."""
         if r.get("towers"):
             return context(r)
-        own = json.loads(context(r))
-        keys = [k for k in table if (lambda c: c[:5] == own[:5] and c[6] == own[6])(json.loads(k))]
+        def without_towers(key):
+            c = json.loads(key)
+            return c[:5] + c[6:]
+        keys = [k for k in table if without_towers(k) == without_towers(context(r))]
         return keys[0] if len(keys) == 1 else context(r)
 
     def wise_curve(r):  # an FT training run and its WiSE evaluations share it
