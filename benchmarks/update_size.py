@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from saft.delta import load_delta  # noqa: E402
-from saft.report.tables import _id_ood, _label, _varying, changes_from_zeroshot, collect, settings_key  # noqa: E402
+from saft.report.runs import collect, config_key, label, varying  # noqa: E402
+from saft.report.tables import _id_ood, changes_from_zeroshot  # noqa: E402
 from saft.app.run import DELTA  # noqa: E402
 
 EMBEDDINGS = ("visual.conv1.", "visual.positional_embedding", "visual.class_embedding")
@@ -46,14 +47,14 @@ def main(argv=None) -> None:
     runs = [r for r in collect(args.dirs).finished if _id_ood(r) and _id_ood(r, "zeroshot_metrics")]
     groups = defaultdict(list)
     for r in runs:
-        groups[settings_key(r)].append({**r, **update_size(Path(r["dir"]), base)})
-    varying = _varying(runs)
+        groups[config_key(r)].append({**r, **update_size(Path(r["dir"]), base)})
+    keys = varying(runs)
     print("| configuration | ID gain | OOD change | changed entries | ‖Δ‖₂ | max \\|Δ\\| | share of ‖Δ‖² in embeddings |")
     print("|---|---|---|---|---|---|---|")
-    for _, members in sorted(groups.items()):
+    for members in sorted(groups.values(), key=lambda members: label(members[0], keys)):
         def mean(value):
             return statistics.mean(value(r) for r in members)
-        print(f"| {_label(members[0], varying)} | {mean(lambda r: changes_from_zeroshot(r)[0]):+.1f} "
+        print(f"| {label(members[0], keys)} | {mean(lambda r: changes_from_zeroshot(r)[0]):+.1f} "
               f"| {mean(lambda r: changes_from_zeroshot(r)[1]):+.1f} "
               f"| {mean(lambda r: r['num_changed']):.0f} | {mean(lambda r: r['l2']):.3f} | {mean(lambda r: r['max']):.4f} "
               f"| {mean(lambda r: r['embedding_share']):.2f} |")

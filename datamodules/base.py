@@ -34,12 +34,27 @@ PROTOCOLS = ("all", "base2new")
 @dataclass
 class EvalSet:
     """A named test set with the class names and prompt templates of its own head, and the function that
-    loads its images (so sets of other datasets can join a run)."""
+    loads its images (so sets of other datasets can join a run). ``classes``: the training label of each of its
+    labels, where the datamodule knows them (ImageNet-A and -R: 200 of the 1,000); otherwise heads trained on
+    classes find them by name (:func:`class_positions`)."""
     name: str
     items: List[Item]
     classnames: List[str]
     templates: Sequence[str]
     load: Callable
+    classes: Optional[List[int]] = None
+
+
+def class_positions(known: Sequence[str], names: Sequence[str]) -> Optional[List[int]]:
+    """The position of each of ``names`` in ``known``, or None unless every name is there exactly once."""
+    known = list(known)
+    if list(names) == known:
+        return list(range(len(known)))
+    where = {}
+    for i, name in enumerate(known):
+        where[name] = None if name in where else i  # a name that occurs twice (ImageNet's two "missile"s) is no match
+    positions = [where.get(name) for name in names]
+    return None if None in positions else positions
 
 
 def num_base(num_classes: int) -> int:
@@ -57,7 +72,7 @@ def base_new_split(eval_set: EvalSet) -> List[EvalSet]:
     m = num_base(len(eval_set.classnames))
     base = [(k, l) for k, l in eval_set.items if l < m]
     new = [(k, l - m) for k, l in eval_set.items if l >= m]
-    return [EvalSet("base", base, eval_set.classnames[:m], eval_set.templates, eval_set.load),
+    return [EvalSet("base", base, eval_set.classnames[:m], eval_set.templates, eval_set.load, list(range(m))),
             EvalSet("new", new, eval_set.classnames[m:], eval_set.templates, eval_set.load)]
 
 

@@ -126,4 +126,6 @@ class ImageNetDataModule(FewShotDataModule):
             raise ConfigError(f"{name}: no class folder in {base} matches an ImageNet class of this run")
         items = [(f"{sub}/{by_wnid[w]}/{f}", label) for label, w in enumerate(wnids)
                  for f in list_images(base / by_wnid[w])]
-        return EvalSet(name, items, [self.names()[w] for w in wnids], self.templates(), ImageFolder(folder))
+        index = {w: i for i, w in enumerate(self.names())}
+        return EvalSet(name, items, [self.names()[w] for w in wnids], self.templates(), ImageFolder(folder),
+                       [index[w] for w in wnids])

@@ -16,7 +16,8 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     The mask arrives after construction through ``set_masks`` (Lightning builds optimizers before
     ``on_fit_start``, where the SAFT callback selects the mask). Parameters without a mask entry are
-    never touched.
+    never touched, except in a param group marked ``dense=True`` (e.g. a classifier head beside the masked
+    model), whose parameters are updated in full, as ``torch.optim.AdamW`` would.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -35,7 +36,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         params = dict(model.named_parameters())
         unknown = sorted(set(mask) - set(params))
         if unknown:
-            raise ValueError(f"the mask names parameters this model does not have: {unknown[:3]}")
+            raise ConfigError(f"the mask names parameters this model does not have: {unknown[:3]}")
+        for name, idx in mask.items():
+            _check_indices(name, params[name], idx)
         optimizer = cls([params[n] for n in mask], **kwargs)
         optimizer.set_masks({params[n]: idx for n, idx in mask.items()})
         return optimizer
@@ -43,6 +46,9 @@ class MaskedAdamW(torch.optim.Optimizer):
     def set_masks(self, masks: Dict[torch.Tensor, torch.Tensor]) -> None:
         """``{parameter: sorted flat indices}``; every parameter must belong to this optimizer."""
         own = {p for group in self.param_groups for p in group["params"]}
+        dense = {p for group in self.param_groups if group.get("dense") for p in group["params"]}
+        if any(p in dense for p in masks):
+            raise ValueError("a masked parameter is in a dense param group; a parameter is either masked or dense")
         if any(p not in own for p in masks):
             raise ValueError("a masked parameter is not in this optimizer's parameter groups "
                              "(is its tower frozen?)")
@@ -63,7 +69,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                idx = self.masks.get(p)
+                idx = slice(None) if group.get("dense") else self.masks.get(p)
                 if idx is None or p.grad is None:
                     continue
                 flat = p.view(-1)
@@ -87,6 +93,23 @@ class MaskedAdamW(torch.optim.Optimizer):
                 value.addcdiv_(exp_avg, denom, value=-step_size)
                 flat[idx] = value
         return loss
+
+
+def _check_indices(name: str, param: torch.Tensor, idx) -> None:
+    """A mask entry must be sorted, distinct, in-range flat indices into a parameter that trains."""
+    problem = None
+    if not isinstance(idx, torch.Tensor) or idx.ndim != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        problem = (f"is {shape} of {getattr(idx, 'dtype', '')}, not a 1-D tensor of flat integer indices "
+                   f"(a boolean mask m becomes m.flatten().nonzero().flatten())")
+    elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= param.numel()):
+        problem = f"holds indices outside [0, {param.numel()}), the parameter's number of entries"
+    elif idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        problem = "is not sorted without repeats (torch.unique(idx) gives that)"
+    elif not param.requires_grad:
+        problem = "selects entries of a parameter that does not require grad (frozen): they would never train"
+    if problem:
+        raise ConfigError(f"mask[{name!r}] {problem}")
 
 
 def warmup_cosine(optimizer, total: int, warmup: int):

@@ -73,15 +73,18 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
     :func:`saft.mask.finalize_scores` after any sum across processes), |g| for ``sum_abs``, g**2 for ``fisher``.
 
     The model runs in eval mode (no dropout noise, no BatchNorm statistics update); the modes of its modules
-    and every ``.grad`` are as before the call. Gradients accumulate in ``.grad`` as in training, so the pass
-    holds one gradient per eligible entry (plus the running sums for ``sum_abs`` and ``fisher``), no more.
+    and every ``.grad`` are as before the call. For fp32 parameters ``abs_sum`` accumulates in ``.grad`` as
+    training does, so the pass holds one gradient per eligible entry (plus the running sums for ``sum_abs`` and
+    ``fisher``), no more. A parameter stored in another dtype (bf16, fp16) has each batch's gradient added into an
+    fp32 sum instead: accumulated in its own dtype, the sum would round differently for every cut of the data.
     """
     if score not in SCORES:
         raise ConfigError(f"unknown mask score {score!r}; choose one of {SCORES}")
     every = dict(model.named_parameters())
     saved_grads = {n: p.grad for n, p in every.items()}
     modes = {m: m.training for m in model.modules()}
-    sums = {} if score == "abs_sum" else {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    low = {n for n, p in params.items() if p.dtype != torch.float32} if score == "abs_sum" else set(params)
+    sums = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in low}
     seen = 0
     model.eval()
     try:
@@ -91,6 +94,10 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
             seen += 1
             if score == "abs_sum":  # linear: autograd's own accumulation into .grad is the running sum
                 _per_example_losses(loss_fn, model, batch).sum().backward()
+                for n in low:
+                    if params[n].grad is not None:
+                        sums[n].add_(params[n].grad.float())
+                        params[n].grad = None
                 continue
             for i in range(_batch_size(batch)):
                 _per_example_losses(loss_fn, model, _example(batch, i)).sum().backward()
@@ -98,8 +105,8 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
                 for p in every.values():
                     p.grad = None
         if score == "abs_sum":
-            sums = {n: p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-                    for n, p in params.items()}
+            sums = {n: sums[n] if n in low else p.grad.float() if p.grad is not None
+                    else torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     finally:
         for n, p in every.items():
             p.grad = saved_grads[n]

@@ -9,6 +9,7 @@ import pytest
 from conftest import compose_cfg, read_results, run_script
 from layouts import make_all
 from saft.app import run
+from saft.app.identity import Identity
 from saft.report.tables import main as report_main
 
 EXPERIMENTS = ["imagenet_dg", "imagenet_shots", "base2new", "cross_dataset", "ablation_sparsity", "ablation_mask",
@@ -117,6 +118,26 @@ def test_partial_sweep_shows_missing_cells_and_failed_runs(sweep, tmp_path):
     assert "| full_ft" in markdown and " - |" in markdown
 
 
+def _identified(run):
+    """A hand-made results dict with the identity train.py would record for its settings (top-level keys such as
+    ``sparsity`` and the ``method.*`` keys they set both appear, as in a real run)."""
+    identity = {"method.name": run["method"], "method.optimizer.lr": run["lr"], "lr_scale": run["lr"],
+                "method.towers": run.get("towers", ["image"]), "seed": run["seed"], "dataset.name": run["dataset"],
+                "model.name": run["model"], "shots": run["shots"], "protocol": run.get("protocol", "all"),
+                "wise_alpha": run.get("wise_alpha")}
+    if run.get("mask_selection"):
+        identity.update({"sparsity": run.get("sparsity", 0.001), "method.mask.sparsity": run.get("sparsity", 0.001),
+                         "method.mask.selection": run["mask_selection"]})
+    identity.update(run.get("extra_settings", {}))
+    identity = {k: v for k, v in identity.items() if v is not None}
+    method_keys = [k for k in identity if k.startswith("method.") or k in ("lr_scale", "sparsity")]
+    return {**run, **Identity(identity, ["seed"], method_keys).as_results()}
+
+
+def _ids(runs):
+    return [_identified(r) for r in runs]
+
+
 def _run(method, seed, id_top1, ood_top1, lr, zeroshot=(20.0, 80.0)):
     """A results.json as the report reads it: ID "a", OOD "b" and "c" (OOD mean = ood_top1)."""
     metrics = lambda x, y: {"a": {"top1": x}, "b": {"top1": y - 1}, "c": {"top1": y + 1}}  # noqa: E731
@@ -139,7 +160,7 @@ def test_matched_id_reads_full_ft_off_its_own_seed_and_never_extrapolates():
             _run("full_ft", 2, 24.0, 78.0, 1e-5), _run("full_ft", 2, 28.0, 72.0, 3e-5),
             _run("saft", 1, 25.0, 79.0, 1e-3), _run("saft", 2, 26.0, 75.0, 1e-3),   # inside FT's range
             _run("saft", 1, 45.0, 60.0, 1e-2), _run("saft", 2, 27.0, 74.0, 1e-2)]   # seed 1: beyond FT's
-    rows = {label: cells for label, cells in matched_id_table(Runs(finished=runs)).rows}
+    rows = {label: cells for label, cells in matched_id_table(Runs(finished=_ids(runs))).rows}
     assert rows["full_ft, lr=1e-05"][2:] == ["reference", 2]
     assert rows["full_ft, lr=1e-05"][0].values == [10.0, 4.0] and rows["full_ft, lr=1e-05"][1].values == [-10.0, -2.0]
     # seed 1: FT's OOD at ID 25 lies halfway from zero-shot (20, 80) to (30, 70): 75. Seed 2: at ID 26 it lies
@@ -153,7 +174,7 @@ def test_tradeoff_curves_follow_each_configuration_through_its_learning_rates():
     dense = [{**_run("saft", seed, 30.0 + seed, 70.0, lr), "sparsity": 0.01} for seed in (1, 2) for lr in (1e-3, 1e-2)]
     runs = [{**_run("full_ft", seed, 20.0 + lr * 1e5, 75.0, lr), "sparsity": sparsity}  # sparsity moot for FT
             for seed in (1, 2) for lr in (3e-6, 1e-5) for sparsity in (0.001, 0.01)]
-    curves = tradeoff_curves(runs + dense + [{**_run("saft", 1, 25.0, 79.0, 1e-3), "sparsity": 0.001}])
+    curves = tradeoff_curves(_ids(runs + dense + [{**_run("saft", 1, 25.0, 79.0, 1e-3), "sparsity": 0.001}]))
     assert set(curves) == {"full_ft", "saft, sparsity=0.001", "saft, sparsity=0.01"}
     assert [sorted(seeds) for seeds in curves["full_ft"]] == [[(20.3, 75.0)] * 4, [(21.0, 75.0)] * 4]  # lr order
     assert sorted(map(sorted, curves["saft, sparsity=0.01"])) == [[(31.0, 70.0), (32.0, 70.0)]] * 2
@@ -169,7 +190,7 @@ def test_wise_evals_are_rows_of_their_own_and_never_join_the_full_ft_reference()
     from saft.report.tables import Runs, matched_id_table, summary_table
     ft, saft = _run("full_ft", 1, 30.0, 70.0, 1e-5), _run("saft", 1, 25.0, 79.0, 1e-3)
     ft_wise, saft_wise = _wise(ft, 0.5, 28.0, 78.0), _wise(saft, 0.5, 23.0, 80.0)
-    table = matched_id_table(Runs(finished=[ft, saft, ft_wise, saft_wise]))
+    table = matched_id_table(Runs(finished=_ids([ft, saft, ft_wise, saft_wise])))
     assert table.columns == ["ID gain", "OOD change", "OOD vs full FT", "n", "OOD vs WiSE-FT", "n WiSE"]
     rows = {label: cells for label, cells in table.rows}
     assert set(rows) == {"full_ft", "full_ft, wise_alpha=0.5", "saft",
@@ -186,12 +207,12 @@ def test_wise_evals_are_rows_of_their_own_and_never_join_the_full_ft_reference()
     assert rows["saft"][4].values == pytest.approx([79.0 - 78.75])
     assert rows["saft, wise_alpha=0.5"][4].values == pytest.approx([80.0 - 79.25])
     assert rows["full_ft"][4].values == pytest.approx([0.0])
-    summary = {label: cells for label, cells in summary_table(Runs(finished=[ft, saft, ft_wise, saft_wise])).rows}
+    summary = {label: cells for label, cells in summary_table(Runs(finished=_ids([ft, saft, ft_wise, saft_wise]))).rows}
     assert summary["full_ft, wise_alpha=0.5"][0].values == [28.0]
     assert summary["full_ft"][0].values == [30.0]
     # Without WiSE evaluations of full FT there is nothing to compare with: the table is today's.
     today = ["ID gain", "OOD change", "OOD vs full FT", "n"]
-    assert matched_id_table(Runs(finished=[ft, saft, saft_wise])).columns == today
+    assert matched_id_table(Runs(finished=_ids([ft, saft, saft_wise]))).columns == today
 
 
 def test_ood_vs_wise_ft_is_the_best_full_ft_wise_curve_that_covers_the_id():
@@ -203,7 +224,7 @@ def test_ood_vs_wise_ft_is_the_best_full_ft_wise_curve_that_covers_the_id():
         if seed == 1:
             runs.append(_wise(high, 0.5, 32.0, 74.0))  # seed 2's lr 3e-5 has no WiSE evals, hence no WiSE curve
     runs += [_run("saft", 1, 29.0, 77.0, 1e-3), _run("saft", 2, 35.0, 65.0, 1e-3)]
-    rows = {label: cells for label, cells in matched_id_table(Runs(finished=runs)).rows}
+    rows = {label: cells for label, cells in matched_id_table(Runs(finished=_ids(runs))).rows}
     saft = rows["saft, lr=0.001"]  # lr and wise_alpha vary among full FT's rows: labels show them
     # Seed 1 at ID 29: the lr 1e-5 curve (20, 80) -> (26, 78) -> (30, 70) gives 72, the lr 3e-5 curve
     # (20, 80) -> (32, 74) -> (40, 50) gives 75.5; the best is 75.5. Seed 2 at ID 35 lies beyond its only
@@ -220,11 +241,11 @@ def test_wise_curves_run_from_zero_shot_through_alpha_to_the_run(tmp_path, monke
     # Out of ID order on purpose: the curve must follow alpha, not ID.
     evals = [_wise(r, alpha, x + r["seed"], y) for r in ft if r["lr"] == 1e-5
              for alpha, x, y in ((0.7, 33.0, 74.0), (0.3, 36.0, 77.0), (1, 30.0, 70.0))]
-    runs = ft + saft + evals
+    runs = _ids(ft + saft + evals)
     curves, wise = tradeoff_curves(runs), wise_curves(runs)
     assert set(curves) == {"full_ft", "saft"} and len(curves["full_ft"]) == 2  # evals stay off the lr curves
     assert [sorted(seeds) for seeds in curves["full_ft"]] == [[(31.0, 70.0), (32.0, 70.0)]] * 2
-    assert tradeoff_curves(evals) == {}
+    assert tradeoff_curves(_ids(evals)) == {}
     assert set(wise) == {"full_ft"} and len(wise["full_ft"]) == 1  # only lr 1e-5 has WiSE evals
     assert [sorted(seeds) for seeds in wise["full_ft"][0]] == [
         [(20.0, 80.0)] * 2,                # alpha = 0: zero-shot
@@ -254,7 +275,7 @@ def test_report_command_compares_with_wise_ft_from_results_files(tmp_path, monke
     for name, result in results.items():
         (tmp_path / "runs" / name / ".hydra").mkdir(parents=True)
         (tmp_path / "runs" / name / ".hydra" / "config.yaml").write_text("{}\n")
-        (tmp_path / "runs" / name / "results.json").write_text(json.dumps(result))
+        (tmp_path / "runs" / name / "results.json").write_text(json.dumps(_identified(result)))
     report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     matched = _rows(tmp_path / "report" / "matched_id.csv")
     assert float(matched["saft"]["OOD vs WiSE-FT mean"]) == pytest.approx(79.0 - 78.75)
@@ -265,7 +286,7 @@ def test_report_command_compares_with_wise_ft_from_results_files(tmp_path, monke
 
 
 def _b2n_run(dataset, method, seed, base, new, lr=1e-3, sparsity=0.001):
-    """A base-to-new results.json with every setting run_settings records."""
+    """A base-to-new results.json as the report reads it (its identity: _identified)."""
     masked = method != "full_ft"
     return {"method": method, "model": "m", "dataset": dataset, "shots": 16, "seed": seed, "sparsity": sparsity,
             "experiment": "base2new", "protocol": "base2new", "towers": ["image", "text"], "lr": lr,
@@ -277,7 +298,7 @@ def _b2n_run(dataset, method, seed, base, new, lr=1e-3, sparsity=0.001):
 
 def _b2n_table(runs):
     from saft.report.tables import Runs, base_to_new_table
-    return base_to_new_table(Runs(finished=runs))
+    return base_to_new_table(Runs(finished=_ids(runs)))
 
 
 def _b2n_rows(runs):
@@ -356,18 +377,19 @@ def test_methods_that_train_no_tower_meet_the_full_ft_of_their_experiment():
     from saft.report.tables import Runs, matched_id_table
     ft = [_run("full_ft", 1, 30.0, 70.0, 1e-5), _run("full_ft", 2, 30.0, 70.0, 1e-5)]
     probe = {**_run("linear_probe", 1, 25.0, 79.0, 1e-4), "towers": []}
-    rows = {label: cells for label, cells in matched_id_table(Runs(finished=ft + [probe])).rows}
+    rows = {label: cells for label, cells in matched_id_table(Runs(finished=_ids(ft + [probe]))).rows}
     assert rows["linear_probe"][2].values == pytest.approx([79.0 - 75.0])
     text_ft = {**_run("full_ft", 1, 30.0, 60.0, 1e-5), "towers": ["text"]}
-    rows = {label: cells for label, cells in matched_id_table(Runs(finished=ft + [text_ft, probe])).rows}
+    rows = {label: cells for label, cells in matched_id_table(Runs(finished=_ids(ft + [text_ft, probe]))).rows}
     assert rows[next(k for k in rows if k.startswith("linear_probe"))][2].values == []
 
 
 def test_a_plain_re_evaluation_of_a_run_is_not_a_second_seed(tmp_path):
-    from saft.report.tables import _without_reevaluations
-    run = _run("saft", 1, 25.0, 79.0, 1e-3)
-    again = {**run, "run_dir": "runs/saft", "wise_alpha": None}
-    other_data = {**again, "metrics": {**run["metrics"], "d2": {"top1": 50.0}}}
-    half = {**again, "wise_alpha": 0.5}
-    assert _without_reevaluations([run, again, other_data, half]) == [run, other_data, half]
-    assert _without_reevaluations([again]) == [again]  # without its run, the evaluation is the measurement
+    from saft.report.runs import without_reevaluations
+    run = _identified(_run("saft", 1, 25.0, 79.0, 1e-3))
+    again = _identified({**run, "run_dir": "runs/saft", "wise_alpha": None})
+    other_data = _identified({**again, "metrics": {**run["metrics"], "d2": {"top1": 50.0}},
+                              "extra_settings": {"eval_datasets": ["d2"]}})
+    half = _identified({**again, "wise_alpha": 0.5})
+    assert without_reevaluations([run, again, other_data, half]) == [run, other_data, half]
+    assert without_reevaluations([again]) == [again]  # without its run, the evaluation is the measurement

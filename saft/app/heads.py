@@ -19,17 +19,14 @@ class LinearHead(nn.Module):
     It is stored as the change from that text head: ``weight`` ([embed_dim, classes], the text head's layout) and
     ``bias`` start at zero, and the classifier is ``(text_head + weight, bias)``. Training it is the same as
     training a head initialised at the text head (the gradients are equal), step 0 is the zero-shot model
-    bit for bit, and WiSE-FT scales the change (alpha=0 is the zero-shot head exactly)."""
+    bit for bit, and WiSE-FT scales the change (alpha=0 is the zero-shot head exactly). On an eval set whose classes
+    are some of its own it takes their columns; other sets keep the text head (saft.app.module)."""
 
     def __init__(self, embed_dim: int, classnames: Sequence[str]):
         super().__init__()
         self.classnames = list(classnames)
         self.weight = nn.Parameter(torch.zeros(embed_dim, len(classnames)))
         self.bias = nn.Parameter(torch.zeros(len(classnames)))
-
-    def applies_to(self, classnames: Sequence[str]) -> bool:
-        """The head knows only its training classes; other sets (new classes, other datasets) keep the text head."""
-        return list(classnames) == self.classnames
 
 
 class PromptHead(nn.Module):

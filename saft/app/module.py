@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from saft.app.clip import MAX_LOGIT_SCALE, text_head, tokenize_prompts
 from saft.app.heads import LinearHead, PromptHead
+from datamodules.base import class_positions
 from saft.errors import ConfigError
 from saft.mask import tower_of
 from saft.optim import warmup_cosine
@@ -41,12 +42,14 @@ class CLIPClassifier(pl.LightningModule):
 
     def __init__(self, model: nn.Module, tokenizer: Callable, optimizer: Optional[Callable] = None,
                  towers: Sequence[str] = ("image", "text"), warmup_fraction: float = 0.1, schedule: str = "cosine",
-                 run_settings: Optional[dict] = None, head: Optional[nn.Module] = None,
-                 trainable: Sequence[str] = (), lp_fraction: float = 0.0, head_lr: Optional[float] = None):
+                 identity: Optional[dict] = None, head: Optional[nn.Module] = None,
+                 trainable: Sequence[str] = (), lp_fraction: float = 0.0, head_lr: Optional[float] = None,
+                 head_weight_decay: Optional[float] = None):
         super().__init__()
         self.model, self.tokenizer, self.optimizer_factory = model, tokenizer, optimizer
-        self.warmup_fraction, self.schedule, self.run_settings = warmup_fraction, schedule, run_settings
-        self.head, self.lp_fraction, self.head_lr = head, lp_fraction, head_lr
+        self.warmup_fraction, self.schedule, self.identity = warmup_fraction, schedule, identity
+        self.head, self.lp_fraction, self.head_lr, self.head_weight_decay = head, lp_fraction, head_lr, head_weight_decay
+        self.restore_from: Optional[str] = None  # the checkpoint fit is asked to resume from; no other may load
         # Decided here, before any DDP wrap: DDP fixes the set of parameters that need gradients.
         for name, p in self.model.named_parameters():
             p.requires_grad_(optimizer is not None and tower_of(name) in towers
@@ -122,9 +125,26 @@ class CLIPClassifier(pl.LightningModule):
         s = self.eval_sets[index]
         if not self.zero_shot and isinstance(self.head, PromptHead):
             return self._cached_head(f"prompt/{s.name}", lambda: self.head(self.model, s.classnames)), None
-        if not self.zero_shot and isinstance(self.head, LinearHead) and self.head.applies_to(s.classnames):
-            return self._zero_shot_head(index) + self.head.weight, self.head.bias
+        columns = self._linear_columns(s)
+        if columns is not None:
+            return self._zero_shot_head(index) + self.head.weight[:, columns], self.head.bias[columns]
         return self._zero_shot_head(index), None
+
+    def _linear_columns(self, s) -> Optional[list]:
+        """Where an eval set's classes sit among the linear head's, when the head knows them all (ImageNet-A and -R
+        hold 200 of the 1,000: their logits are the head's 200 columns, as in wise-ft); else None."""
+        if self.zero_shot or not isinstance(self.head, LinearHead):
+            return None
+        if s.classes is not None and list(self.head.classnames) == list(self.classnames):
+            return s.classes
+        return class_positions(self.head.classnames, s.classnames)
+
+    def head_kind(self, s) -> str:
+        """Which head evaluated an eval set (results.json records it): ``prompt`` (CoOp's), ``linear`` (the probe,
+        restricted to the set's classes), or ``text`` (the prompt-ensemble head of the text tower)."""
+        if not self.zero_shot and isinstance(self.head, PromptHead):
+            return "prompt"
+        return "linear" if self._linear_columns(s) is not None else "text"
 
     def on_train_epoch_start(self) -> None:
         for m in self.model.modules():
@@ -181,7 +201,8 @@ class CLIPClassifier(pl.LightningModule):
         self.results = {}
         for s in self.eval_sets:
             top1 = 100 * self.test_acc[s.name].compute().item()
-            self.results[s.name] = {"top1": top1, "n": int(self.test_n[s.name].compute().item())}
+            self.results[s.name] = {"top1": top1, "n": int(self.test_n[s.name].compute().item()),
+                                    "head": self.head_kind(s)}
             self.test_acc[s.name].reset()
             self.test_n[s.name].reset()
         self.log_dict({f"test/{n}/top1": r["top1"] for n, r in self.results.items()}, sync_dist=True)
@@ -189,7 +210,15 @@ class CLIPClassifier(pl.LightningModule):
     # --- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint) -> None:
         # Read back before a resume (saft.app.run.check_resume): another config cannot continue this training.
-        checkpoint["saft_run"] = self.run_settings
+        checkpoint["saft_run"] = self.identity
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        # The evaluated model is the one this process trained or rebuilt: Lightning also loads checkpoints nobody
+        # asked for (under SLURM, any hpc_ckpt in its default_root_dir, for fit and test alike).
+        if self.restore_from is None or self.trainer.state.fn != "fit":
+            raise RuntimeError(f"Lightning was about to load a checkpoint into the model during "
+                               f"{self.trainer.state.fn} (step {checkpoint.get('global_step')}) that this run did "
+                               f"not ask for; a stray hpc_ckpt_*.ckpt in {self.trainer.default_root_dir}?")
 
     # --- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -200,9 +229,9 @@ class CLIPClassifier(pl.LightningModule):
                 (no_decay if p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
                  else decay).append(p)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self.head is not None:  # a linear probe is not decayed (decay would pull it to the zero-shot head)
-            decay_head = {} if isinstance(self.head, PromptHead) else {"weight_decay": 0.0}
-            groups.append({"params": list(self.head.parameters()), "head": True, **decay_head})
+        if self.head is not None:  # dense: a masked optimizer trains the whole head beside the masked model
+            decay_head = {} if self.head_weight_decay is None else {"weight_decay": self.head_weight_decay}
+            groups.append({"params": list(self.head.parameters()), "head": True, "dense": True, **decay_head})
         optimizer = self.optimizer_factory([g for g in groups if g["params"]])
         if self.lp_fraction:
             return self._probe_then_tune(optimizer, max(1, int(self.trainer.estimated_stepping_batches)))

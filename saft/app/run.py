@@ -10,7 +10,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import hydra
 import open_clip
@@ -30,12 +30,14 @@ from saft.atomic import atomic_path
 from saft.app.clip import load_clip
 from saft.delta import (apply_delta, compute_delta, interpolate_delta, load_delta, num_changed, save_delta,
                         state_checksum)
-from saft.app.heads import LinearHead, PromptHead, build_head
+from saft.app.heads import PromptHead, build_head
 from saft.app.module import CLIPClassifier
 from saft.app.pretrain import resolve_pretrained
 from saft.app.progress import progress_bars
 from saft.app.checkpoint_io import checkpoint_entry
-from saft.app.results import ERROR, RESULTS, build_results, resume_settings, run_settings, write_json
+from saft.app.identity import Identity, differences, run_identity, without
+from saft.app.results import ERROR, RESULTS, build_results, summary, write_json
+from saft.app.signals import StopOnSignal, cluster_plugins
 from saft.app.validate import output_dir, validate
 from saft.errors import ConfigError
 
@@ -89,23 +91,24 @@ def _dataset_config(name: str) -> DictConfig:
         return hydra.compose(config_name="train", overrides=[f"dataset={name}"]).dataset
 
 
-def build(cfg: DictConfig):
-    """The datamodule (checked first: it is cheap), then the model around it."""
+def build(cfg: DictConfig, head_classnames: Optional[Sequence[str]] = None):
+    """The datamodule (checked first: it is cheap), then the model around it. ``head_classnames``: the classes of
+    a trained linear head being evaluated (its own, whatever data this run evaluates)."""
     datamodule = build_datamodule(cfg)
     model, train_tf, eval_tf, tokenizer = load_clip(**resolve_pretrained(cfg.model))
     datamodule.set_transforms(train_tf, eval_tf)
     method = cfg.method
     optimizer = hydra.utils.instantiate(method.optimizer) if method.train else None
-    head = build_head(method, model, tokenizer, datamodule.classnames(),
+    head = build_head(method, model, tokenizer, head_classnames or datamodule.classnames(),
                       open_clip.get_model_config(cfg.model.name)["embed_dim"])
     if isinstance(head, PromptHead):  # every prompt must fit the text context: known now, not at the final test
         for names in [datamodule.classnames()] + [s.classnames for s in datamodule.eval_sets()]:
             head.tokens(names)
     module = CLIPClassifier(model, tokenizer, optimizer, towers=list(method.towers),
                             warmup_fraction=method.warmup_fraction, schedule=method.schedule,
-                            run_settings=resume_settings(cfg), head=head,
+                            identity=run_identity(cfg).settings, head=head,
                             trainable=list(method.get("trainable") or []), lp_fraction=method.get("lp_fraction", 0.0),
-                            head_lr=method.get("head_lr"))
+                            head_lr=method.get("head_lr"), head_weight_decay=method.get("head_weight_decay"))
     return datamodule, module
 
 
@@ -115,12 +118,30 @@ def weights_checksum(module: CLIPClassifier) -> str:
     return state_checksum({**module.model.state_dict(), **head})
 
 
-def make_trainer(cfg: DictConfig, callbacks) -> pl.Trainer:
-    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+def make_logger(cfg: DictConfig, identity: Identity, job_type: str):
+    """The configured logger; a wandb run is named by the run's identity (one name per configuration and seed) and
+    grouped by its configuration (what its seeds share), unless the config names them."""
+    if not cfg.get("logger"):
+        return False
+    if not str(cfg.logger.get("_target_", "")).endswith("WandbLogger"):
+        return hydra.utils.instantiate(cfg.logger)
+    label = f"{cfg.method.name}_{cfg.dataset.name}"
+    return hydra.utils.instantiate(cfg.logger, name=cfg.logger.get("name") or f"{label}_seed{cfg.seed}_{identity.hash}",
+                                   group=cfg.logger.get("group") or f"{label}_{identity.config_hash}",
+                                   job_type=job_type)
+
+
+def make_trainer(cfg: DictConfig, callbacks, identity: Identity, job_type: str,
+                 checkpoint: Optional[Path] = None) -> pl.Trainer:
+    """The configured Trainer. It owns the stop signals (saft.app.signals; ``checkpoint`` is where an interrupted fit
+    saves), has Lightning's SLURM auto-requeue off, and its ``default_root_dir`` is a folder of its own: under SLURM
+    Lightning loads any ``hpc_ckpt_*.ckpt`` it finds there into the model, for training and for testing."""
+    callbacks = [StopOnSignal(checkpoint), *callbacks]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks = [*callbacks, *progress_bars()]
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
-                                   default_root_dir=str(output_dir()))
+    plugins = [hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or []] + cluster_plugins()
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, identity, job_type),
+                                   plugins=plugins, default_root_dir=str(output_dir() / "lightning"))
 
 
 def base_state(cfg: DictConfig):
@@ -135,15 +156,19 @@ def finish(trainer: pl.Trainer) -> None:
         wandb.finish()
 
 
-def check_resume(ckpt_path, cfg: DictConfig) -> None:
-    """A resumed run must continue the same training: refuse a checkpoint written with other settings
-    (its results would be labelled with settings it was not trained with), before anything is written."""
+def check_resume(ckpt_path, identity: Identity) -> None:
+    """A resumed run must continue the same training: refuse a checkpoint written with another identity (its
+    results would be labelled with settings it was not trained with), before anything is written."""
     saved = checkpoint_entry(ckpt_path, "saft_run")
-    wanted = resume_settings(cfg)
-    differ = sorted(k for k in set(saved or {}) | set(wanted) if saved is not None and saved.get(k) != wanted.get(k))
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{ckpt_path} holds no run identity, so it cannot be shown to continue this training "
+                          f"(written by another program or an older version of this one); start a new run in "
+                          f"another hydra.run.dir")
+    differ = differences(saved, identity.settings)
     if differ:
-        was = ", ".join(f"{k}={saved.get(k)}" for k in differ)
-        now = ", ".join(f"{k}={wanted.get(k)}" for k in differ)
+        shown = differ[:6] + ([f"{len(differ) - 6} more"] if len(differ) > 6 else [])
+        was = ", ".join(f"{k}={saved.get(k)}" if k in differ else k for k in shown)
+        now = ", ".join(f"{k}={identity.settings.get(k)}" if k in differ else k for k in shown)
         raise ConfigError(f"{ckpt_path} was trained with {was}; this run asks for {now}. A resume continues the "
                           f"same training: resume with the run's own config and trainer settings, or start a "
                           f"new run in another hydra.run.dir")
@@ -151,19 +176,21 @@ def check_resume(ckpt_path, cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict:
     validate(cfg)
+    identity = run_identity(cfg)
     ckpt_path = resume_path(cfg) if cfg.method.train else None
-    if ckpt_path and Path(ckpt_path).is_file():  # "last" is Lightning's to find
-        check_resume(ckpt_path, cfg)
+    if ckpt_path:
+        check_resume(ckpt_path, identity)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
+    module.restore_from = ckpt_path
     mask_callback = hydra.utils.instantiate(cfg.method.mask) if cfg.method.get("mask") else None
     callbacks = [c for c in (mask_callback, hydra.utils.instantiate(cfg.checkpoint)) if c is not None]
-    trainer = make_trainer(cfg, callbacks)
+    last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
+    trainer = make_trainer(cfg, callbacks, identity, "train", checkpoint=last if cfg.method.train else None)
     if trainer.is_global_zero:
         datamodule.save_split(output_dir() / "split.json")
     if trainer.logger is not None:
-        settings = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the full resolved config
-        trainer.logger.log_hyperparams(OmegaConf.to_container(settings, resolve=True))
+        trainer.logger.log_hyperparams(hyperparameters(cfg, identity))
     before = None
     if cfg.get("eval_zeroshot") and cfg.method.train:
         with module.text_head_only():
@@ -176,12 +203,12 @@ def train(cfg: DictConfig) -> dict:
                                 category=PossibleUserWarning)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # ModelCheckpoint saves on its own schedule; the final state is always kept as last.ckpt.
-        trainer.save_checkpoint(Path(cfg.checkpoint.dirpath) / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(last, weights_only=False)
         log.info("rank %d: trained weights sha256 %s", trainer.global_rank, weights_checksum(module))
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = None
     if trainer.is_global_zero:
-        results = write_artifacts(cfg, module, datamodule, mask_callback, before)
+        results = write_artifacts(cfg, identity, module, datamodule, mask_callback, before)
         print(comparison_table(results))
     if results and mask_callback is not None and isinstance(trainer.logger, pl.loggers.WandbLogger):
         from saft.report.plots import plot_mask_blocks
@@ -191,12 +218,29 @@ def train(cfg: DictConfig) -> dict:
     return results
 
 
-def resume_path(cfg: DictConfig):
-    """``ckpt_path`` if given; otherwise this run dir's own ``last.ckpt`` when an earlier attempt of the
-    same run was interrupted (a re-run of the same command, a SLURM requeue), else a fresh start."""
+def hyperparameters(cfg: DictConfig, identity: Identity) -> dict:
+    """What a logger records of a run: its full resolved config and its identity's hashes."""
+    settings = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return {**OmegaConf.to_container(settings, resolve=True), "identity_hash": identity.hash,
+            "config_hash": identity.config_hash}
+
+
+def resume_path(cfg: DictConfig) -> Optional[str]:
+    """The checkpoint file a training run continues from: ``ckpt_path`` (a file, or ``last``: this run dir's
+    ``last.ckpt``); without it, this run dir's own ``last.ckpt`` when an earlier attempt of the same run was
+    interrupted (a re-run of the same command, a requeue); else None, a fresh start. Lightning's SLURM
+    ``hpc_ckpt`` files are never resumed from: nothing here writes them."""
+    last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
+    for stray in sorted(output_dir().glob("hpc_ckpt_*.ckpt")):
+        log.warning("ignoring %s: Lightning's SLURM requeue checkpoints are not used (this run resumes from %s)",
+                    stray, last)
+    if cfg.ckpt_path == "last":
+        if not last.is_file():
+            raise ConfigError(f"ckpt_path=last: {last} does not exist, so there is nothing to resume in this "
+                              f"hydra.run.dir; drop ckpt_path to start the run, or give a checkpoint file")
+        return str(last)
     if cfg.ckpt_path:
         return cfg.ckpt_path
-    last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
     if last.is_file():
         log.info("resuming the interrupted run from %s", last)
         return str(last)
@@ -223,7 +267,7 @@ def comparison_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def write_artifacts(cfg, module, datamodule, mask_callback, before=None) -> dict:
+def write_artifacts(cfg, identity: Identity, module, datamodule, mask_callback, before=None) -> dict:
     """delta.safetensors against the rebuilt base model, then results.json."""
     out = output_dir()
     base = base_state(cfg)
@@ -243,25 +287,25 @@ def write_artifacts(cfg, module, datamodule, mask_callback, before=None) -> dict
         num_trainable += extra["num_head"]
     if before:
         extra["zeroshot_metrics"] = before
-    results = _results(cfg, module, datamodule, num_trainable, num_changed(delta), extra)
+    results = _results(cfg, identity, module, datamodule, num_trainable, num_changed(delta), extra)
     write_json(out / RESULTS, results)
     log.info("results: %s", out / RESULTS)
     return results
 
 
-def _results(cfg, module, datamodule, num_trainable, changed, extra=None) -> dict:
+def _results(cfg, identity: Identity, module, datamodule, num_trainable, changed, extra=None) -> dict:
     # The fingerprint of the weights the metrics were measured with: eval.py of a run must match training.
     extra = {"weights_sha256": weights_checksum(module), **(extra or {})}
     if datamodule.protocol == "base2new":
         base, new = module.results["base"]["top1"], module.results["new"]["top1"]
         extra["hm"] = 2 * base * new / (base + new) if base + new else 0.0
-    return build_results(run_settings(cfg), num_params=sum(p.numel() for p in module.model.parameters()),
+    return build_results({**summary(cfg), **identity.as_results()}, num_params=sum(p.numel() for p in module.model.parameters()),
                          num_trainable=num_trainable, num_changed=changed, metrics=module.results,
                          id_name=datamodule.id_name, ood=datamodule.ood_names, extra=extra)
 
 
-def load_head(head: torch.nn.Module, path: Path, alpha=None) -> None:
-    """A run's trained head; WiSE-FT scales the linear probe's change from the zero-shot head by ``alpha``."""
+def _head_file(path: Path) -> dict:
+    """The tensors and class names of a run's ``head.safetensors``."""
     if not path.is_file():
         raise ConfigError(f"{path} is missing: the run's method trains a head, and its metrics need it; "
                           f"evaluate a complete run dir")
@@ -269,14 +313,27 @@ def load_head(head: torch.nn.Module, path: Path, alpha=None) -> None:
         tensors = load_file(path)
         with safe_open(path, "pt") as f:
             classnames = json.loads((f.metadata() or {})["classnames"])
-        if alpha is not None:
-            tensors = {k: torch.lerp(torch.zeros_like(v), v, alpha) for k, v in tensors.items()}
+    except Exception as e:
+        raise ConfigError(f"{path} cannot be read as a head ({str(e).splitlines()[0][:200]}); the file is corrupt "
+                          f"or was not written by this project") from None
+    return {"tensors": tensors, "classnames": classnames}
+
+
+def head_classnames(cfg: DictConfig, run_dir: Path) -> Optional[List[str]]:
+    """The classes a run's linear head was trained on: the head is rebuilt with them, whatever data is evaluated."""
+    return _head_file(run_dir / HEAD)["classnames"] if cfg.method.get("head", "text") == "linear" else None
+
+
+def load_head(head: torch.nn.Module, path: Path, alpha=None) -> None:
+    """A run's trained head; WiSE-FT scales the linear probe's change from the zero-shot head by ``alpha``."""
+    tensors = _head_file(path)["tensors"]
+    if alpha is not None:
+        tensors = {k: torch.lerp(torch.zeros_like(v), v, alpha) for k, v in tensors.items()}
+    try:
         head.load_state_dict(tensors)
     except Exception as e:
         raise ConfigError(f"{path} does not hold this method's head ({str(e).splitlines()[0][:200]}); the file is "
                           f"corrupt or belongs to another run") from None
-    if isinstance(head, LinearHead):
-        head.classnames = classnames  # the probe applies to the classes it was trained on, whatever data is evaluated
 
 
 def compose_for_run(run_dir: Path, overrides: Sequence[str], composed: DictConfig) -> DictConfig:
@@ -312,31 +369,47 @@ def evaluate(cfg: DictConfig) -> dict:
     if run_dir is not None:
         cfg = compose_for_run(run_dir, HydraConfig.get().overrides.task, cfg)
     validate(cfg)
+    identity = run_identity(cfg)
     OmegaConf.save(cfg, output_dir() / ".hydra" / "config.yaml")  # the config this evaluation really used
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build(cfg)
+    datamodule, module = build(cfg, head_classnames(cfg, run_dir) if run_dir is not None else None)
+    trainer = make_trainer(cfg, [], identity, "eval")
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(hyperparameters(cfg, identity))
     num_trainable = changed = 0
+    extra = {}
     if run_dir is not None:
+        trained = json.loads((run_dir / RESULTS).read_text())
         delta, metadata = load_delta(run_dir / DELTA)
         if metadata.get("base_sha256") != state_checksum(module.model.state_dict()):
             raise ConfigError(f"{run_dir / DELTA} was made for another base model (checksum differs from "
                               f"{cfg.model.name} / {cfg.model.pretrained}); evaluate it with its own base")
+        reference = zeroshot_reference(cfg, identity, trained, trainer, module, datamodule)
         alpha = cfg.get("wise_alpha")
         if alpha is not None:
             delta = interpolate_delta(delta, module.model.state_dict(), alpha)
         apply_delta(module.model, delta)
         if module.head is not None:
             load_head(module.head, run_dir / HEAD, alpha)
-        trained = json.loads((run_dir / RESULTS).read_text())
         num_trainable, changed = trained["num_trainable"], num_changed(delta)
-    trainer = make_trainer(cfg, callbacks=[])
+        extra = {"run_dir": str(run_dir), "wise_alpha": alpha, **({"zeroshot_metrics": reference} if reference else {})}
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = None
     if trainer.is_global_zero:
-        extra = {"run_dir": str(run_dir), "wise_alpha": cfg.get("wise_alpha")} if run_dir is not None else {}
-        if run_dir is not None and set(trained.get("zeroshot_metrics") or {}) == set(module.results):
-            extra["zeroshot_metrics"] = trained["zeroshot_metrics"]  # the reference the report measures gains from
-        results = _results(cfg, module, datamodule, num_trainable, changed, extra)
+        results = _results(cfg, identity, module, datamodule, num_trainable, changed, extra)
         write_json(output_dir() / RESULTS, results)
     finish(trainer)
     return results
+
+
+def zeroshot_reference(cfg, identity: Identity, trained: dict, trainer, module, datamodule) -> Optional[dict]:
+    """The zero-shot metrics of exactly the data this evaluation tests (the reference its gains are measured from):
+    the training run's own when this evaluation has the training run's identity (WiSE-FT's alpha aside), else
+    measured now on the base model; none without ``eval_zeroshot``."""
+    if not cfg.get("eval_zeroshot"):
+        return None
+    if trained.get("zeroshot_metrics") and trained.get("identity") == without(identity.settings, ["wise_alpha"]):
+        return trained["zeroshot_metrics"]
+    with module.text_head_only():
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    return dict(module.results)

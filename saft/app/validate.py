@@ -222,6 +222,7 @@ RULES = TOP + (
     Rule("method.trainable", regexes, "[bias$]"),
     Rule("method.lp_fraction", number("[0, 1)"), "0.5"),
     Rule("method.head_lr", number("> 0"), "1e-4"),
+    Rule("method.head_weight_decay", either(NULL, number(">= 0")), "0.0"),
     Rule("method.n_ctx", integer(1), "16"),
     Rule("method.ctx_init", either(NULL, lambda v: None if isinstance(v, str) and v.strip() else "words"),
          "'a photo of a'"),
@@ -357,6 +358,9 @@ def _cross_checks(cfg: DictConfig) -> None:
     if method.get("lp_fraction") and (head != "linear" or method.get("head_lr") is None):
         _fail("method.lp_fraction", method["lp_fraction"], "0 unless method.head=linear and method.head_lr is set "
               "(the probe phase trains a linear head)", "0")
+    if read(cfg, "wise_alpha", None) is not None and not read(cfg, "run_dir", None):
+        _fail("wise_alpha", read(cfg, "wise_alpha"), "null without run_dir: WiSE-FT blends a training run with its "
+              "base model (alone, eval.py evaluates zero-shot CLIP)", "0.5 run_dir=<a finished training run>")
     if read(cfg, "wise_alpha", None) is not None and head == "prompt":
         _fail("wise_alpha", read(cfg, "wise_alpha"), "null for a CoOp run: WiSE-FT blends the zero-shot and the "
               "fine-tuned weights, and a learned prompt has no zero-shot counterpart to blend with", "null")

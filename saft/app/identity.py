@@ -1,0 +1,159 @@
+"""A run's identity: everything that decides what it trains and evaluates, derived from its composed config.
+
+The identity is the run's resolved config, flattened to dotted keys, minus the few keys declared in ``IGNORED``
+(each with the reason it cannot change what is trained or evaluated), with the values of ``LOCATIONS`` (where
+files lie) left out and ``CONTENT`` files counted by their bytes. results.json, the resume check, the report and
+wandb all read it from here, so a new config option is part of every run's identity without anyone listing it.
+
+Two rules keep it about what runs, not what was typed:
+- a null and a missing key mean the same to the code (``cfg.get``), so nulls are dropped;
+- a top-level key that the configs exist to interpolate (``sparsity`` in ``${sparsity}``) counts only where this
+  run's config interpolates it: full fine-tuning has no mask, so its runs do not differ by ``sparsity``.
+"""
+import fnmatch
+import hashlib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, NamedTuple, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from saft.app import CONF_DIR
+
+IGNORED = {
+    "hydra": "Hydra's output folders, launcher and job settings",
+    "ckpt_path": "where a resume starts from; the resume check compares the identities themselves",
+    "run_dir": "eval.py: the folder of the evaluated run (its settings are the rest of this identity)",
+    "experiment_name": "a label for sweep folders; the settings an experiment freezes are keys of their own",
+    "eval_zeroshot": "adds the zero-shot reference measurement; the trained model and its metrics are unchanged",
+    "num_workers": "augmentations are seeded per sample (EpochSeededSampler), so the worker count changes no batch",
+    "dataset.datamodule.num_workers": "as num_workers",
+    "eval_batch_size": "evaluation and the mask's scoring pass see every example once whatever the batch; the "
+                       "batch cut changes results only by float rounding",
+    "dataset.datamodule.eval_batch_size": "as eval_batch_size",
+    "logger": "where metrics are logged",
+    "checkpoint": "when and where checkpoints are written; the final state is always saved",
+    "trainer.plugins": "how checkpoint files are written (atomically)",
+    "trainer.enable_progress_bar": "display only",
+    "trainer.enable_model_summary": "display only",
+    "trainer.log_every_n_steps": "how often metrics are logged",
+    "dataset.datamodule.download": "whether missing files may be fetched; the files are the same",
+    "model.pretrain.download": "as dataset.datamodule.download",
+}
+# Paths: the same files in another place are the same data.
+LOCATIONS = ("data_dir", "*.data_dir", "dataset.datamodule.root", "dataset.datamodule.variant_dirs.*")
+# Files whose content is the setting: a copy elsewhere is the same run, an edited file another.
+CONTENT = ("split_file", "dataset.datamodule.split_file")
+LOCATION = "<location>"
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Identity(NamedTuple):
+    settings: Dict[str, Any]   # flat dotted key -> resolved value
+    seed_keys: List[str]       # the keys that carry the seed (``seed`` and what interpolates it)
+    method_keys: List[str]     # the keys only the method reads (``method.*`` and what only it interpolates)
+
+    @property
+    def hash(self) -> str:
+        return digest(self.settings)
+
+    @property
+    def config_hash(self) -> str:
+        """What the seeds of one configuration share."""
+        return digest(without(self.settings, self.seed_keys))
+
+    def as_results(self) -> Dict[str, Any]:
+        """The keys results.json records."""
+        return {"identity": self.settings, "identity_hash": self.hash, "config_hash": self.config_hash,
+                "seed_keys": self.seed_keys, "method_keys": self.method_keys}
+
+
+def digest(settings: Mapping[str, Any]) -> str:
+    """A short, stable hash of settings (12 hex digits of sha256 over their sorted JSON)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def without(settings: Mapping[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
+    drop = set(keys)
+    return {k: v for k, v in settings.items() if k not in drop}
+
+
+def _matches(key: str, patterns) -> bool:
+    return any(key == p or key.startswith(p + ".") or fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _flatten(node, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, Mapping) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+def _file_digest(path) -> str:
+    try:
+        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    except OSError:
+        return f"missing:{path}"  # validation names the missing file before anything runs
+
+
+@lru_cache(maxsize=1)
+def _interpolated_anywhere() -> frozenset:
+    """Top-level keys some config file interpolates: the values a sweep sets once for every group."""
+    found = set()
+    for path in CONF_DIR.rglob("*.yaml"):
+        found |= set(_REFERENCE.findall(path.read_text()))
+    return frozenset(found)
+
+
+def _references(cfg: DictConfig) -> Dict[str, List[str]]:
+    """Top-level key -> the flat keys of this run's (unresolved) config whose value interpolates it."""
+    raw = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    refs: Dict[str, List[str]] = {}
+    for key, value in raw.items():
+        if isinstance(value, str) and not key.startswith("hydra."):
+            for name in _REFERENCE.findall(value):
+                refs.setdefault(name, []).append(key)
+    return refs
+
+
+def run_identity(cfg: DictConfig) -> Identity:
+    """The identity of the run ``cfg`` (a composed train or eval config, with or without ``hydra``, e.g. a run's
+    ``.hydra/config.yaml``). Each kept key is resolved on its own: an ignored key (``checkpoint.dirpath`` names
+    Hydra's output dir) is never resolved, so a saved config gives the same identity outside Hydra."""
+    refs = _references(cfg)
+    raw = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                          resolve=False))
+    settings = {}
+    for key in sorted(raw):
+        top = key.split(".")[0]
+        if _matches(key, IGNORED) or (key == top and top in _interpolated_anywhere() and not refs.get(top)):
+            continue  # declared as not changing results, or a shared value this run does not use
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for flat_key, flat_value in (_flatten(value, key) if isinstance(value, dict) else {key: value}).items():
+            if flat_value is None:
+                continue
+            if _matches(flat_key, CONTENT):
+                flat_value = _file_digest(flat_value)
+            elif _matches(flat_key, LOCATIONS):
+                flat_value = LOCATION
+            settings[flat_key] = flat_value
+    seed_keys = [k for k in settings if k == "seed" or k in refs.get("seed", []) and _raw_is(cfg, k, "${seed}")]
+    method_keys = [k for k in settings if k.startswith("method.")
+                   or (k in refs and all(r.startswith("method.") for r in refs[k]))]
+    return Identity(dict(sorted(settings.items())), seed_keys, method_keys)
+
+
+def _raw_is(cfg: DictConfig, key: str, text: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return OmegaConf.to_container(node, resolve=False).get(leaf) == text
+
+
+def differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> List[str]:
+    """Keys whose values differ (a key present in one only counts)."""
+    return sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))

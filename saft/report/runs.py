@@ -1,0 +1,141 @@
+"""Runs as the report sees them: read, identified, grouped into configurations, labelled.
+
+Two runs are one configuration when their identities (``saft.app.identity``) agree on everything but the seed;
+two runs with the same identity are duplicates (one is kept, the other listed). A row is labelled by the identity
+keys that vary among the configurations of its method, so a new option shows up in labels without being listed.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from omegaconf import OmegaConf
+
+from saft.app.identity import digest, run_identity, without
+from saft.app.results import ERROR, RESULTS, summary
+
+# The learning rate a trade-off curve runs over: the method's lr and the shared scale that sets it.
+LR_KEYS = ("lr_scale", "method.optimizer.lr")
+_PREFIXES = ("method.optimizer.", "method.", "dataset.datamodule.", "trainer.", "model.")
+
+
+@dataclass
+class Runs:
+    finished: List[dict] = field(default_factory=list)
+    failed: List[Tuple[Path, str]] = field(default_factory=list)
+    unfinished: List[Path] = field(default_factory=list)
+    planned: List[dict] = field(default_factory=list)  # failed and unfinished runs: their summary and identity
+    duplicates: List[Tuple[str, str]] = field(default_factory=list)  # (left-out run dir, the kept run's dir)
+
+
+def _identified(run: dict, config: Path) -> dict:
+    """A run with its identity: the one results.json recorded, or (older runs) derived from its saved config."""
+    if "identity" in run:
+        return run
+    return {**run, **run_identity(OmegaConf.load(config)).as_results()}
+
+
+def collect(dirs: Sequence[Path]) -> Runs:
+    runs = Runs()
+    for root in dirs:
+        for config in sorted(Path(root).glob("**/.hydra/config.yaml")):
+            run_dir = config.parent.parent
+            if (run_dir / RESULTS).is_file():
+                runs.finished.append(_identified({**json.loads((run_dir / RESULTS).read_text()), "dir": str(run_dir)},
+                                                 config))
+                continue
+            if (run_dir / ERROR).is_file():
+                runs.failed.append((run_dir, (run_dir / ERROR).read_text().strip()))
+            else:
+                runs.unfinished.append(run_dir)
+            cfg = OmegaConf.load(config)
+            runs.planned.append({**summary(cfg), **run_identity(cfg).as_results(), "dir": str(run_dir)})
+    runs.finished, runs.duplicates = without_duplicates(without_reevaluations(runs.finished))
+    return runs
+
+
+def without_reevaluations(finished: List[dict]) -> List[dict]:
+    """``eval.py run_dir=RUN`` on RUN's own data without ``wise_alpha`` has RUN's identity: it measures RUN again.
+    It stays when RUN is not in the report."""
+    trained = {r["identity_hash"] for r in finished if not r.get("run_dir")}
+    return [r for r in finished if not (r.get("run_dir") and r["identity_hash"] in trained)]
+
+
+def without_duplicates(finished: List[dict]) -> Tuple[List[dict], List[Tuple[str, str]]]:
+    """One run per identity (configuration and seed): a repeat would count as another seed."""
+    kept: Dict[str, dict] = {}
+    duplicates = []
+    for r in finished:
+        first = kept.setdefault(r["identity_hash"], r)
+        if first is not r:
+            duplicates.append((r.get("dir", "?"), first.get("dir", "?")))
+    return list(kept.values()), duplicates
+
+
+def settings(run: dict) -> dict:
+    """The run's identity without the seed: what the seeds of one configuration share."""
+    return without(run["identity"], run.get("seed_keys", ["seed"]))
+
+
+def config_key(run: dict, skip: Sequence[str] = ()) -> str:
+    """A configuration's key; ``skip``: keys (or key prefixes ending in '.') left out, e.g. what a curve runs over."""
+    return digest({k: v for k, v in settings(run).items() if not any(k == s or s.endswith(".") and k.startswith(s)
+                                                                      for s in skip)})
+
+
+def context_key(run: dict) -> str:
+    """What a run is compared within: its identity (seed included) without the method's keys and WiSE-FT's alpha."""
+    return digest(without(run["identity"], [*run.get("method_keys", []), "wise_alpha"]))
+
+
+def groups(runs: Sequence[dict], planned: Sequence[dict] = (), skip: Sequence[str] = ()) -> Dict[str, List[dict]]:
+    """Configuration key -> its runs, in the order of their labels' sort; planned runs give empty groups."""
+    out: Dict[str, List[dict]] = {}
+    for r in planned:
+        out.setdefault(config_key(r, skip), [])
+    for r in runs:
+        out.setdefault(config_key(r, skip), []).append(r)
+    return out
+
+
+def short(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _partition(runs: Sequence[dict], key: str) -> Tuple:
+    return tuple(json.dumps(settings(r).get(key), sort_keys=True) for r in runs)
+
+
+def varying(runs: Sequence[dict]) -> List[str]:
+    """Identity keys whose values differ among the configurations of one method (the seed aside). Keys that split
+    the runs alike (``lr_scale`` and the ``lr`` it sets, ``shots`` and the datamodule's) show once, by the shortest
+    name."""
+    by_method: Dict[str, List[dict]] = {}
+    for r in runs:
+        by_method.setdefault(r["identity"].get("method.name", r.get("method")), []).append(r)
+    found = {}
+    for members in by_method.values():
+        keys = sorted({k for r in members for k in settings(r)}, key=lambda k: (len(short(k)), k))
+        for key in keys:
+            if key != "method.name" and len(set(_partition(members, key))) > 1:
+                found.setdefault((id(members), _partition(members, key)), key)
+    return sorted(set(found.values()), key=lambda k: (short(k), k))
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def label(run: dict, keys: Sequence[str]) -> str:
+    """The method, then ``name=value`` for each of ``keys`` the run has (a training run has no ``wise_alpha``)."""
+    names = [short(k) for k in keys]
+    shown = [f"{short(k) if names.count(short(k)) == 1 else k}={_show(settings(run)[k])}"
+             for k in keys if k in settings(run)]
+    return ", ".join([run["identity"].get("method.name", run.get("method", "?"))] + shown)
