@@ -234,6 +234,9 @@ class FewShotDataModule(pl.LightningDataModule):
     def eval_sets(self) -> List[EvalSet]:
         if self._eval_sets is None:
             own = self.build_eval_sets()
+            for s in own:  # a set of exactly the training classes (the ID set) is theirs by position
+                if s.classes is None and self.protocol == "all" and list(s.classnames) == self.classnames():
+                    s.classes = list(range(len(s.classnames)))
             self._eval_sets = base_new_split(own[0]) if self.protocol == "base2new" else own
         return self._eval_sets + self._extra_sets
 

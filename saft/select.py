@@ -84,7 +84,7 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
     saved_grads = {n: p.grad for n, p in every.items()}
     modes = {m: m.training for m in model.modules()}
     low = {n for n, p in params.items() if p.dtype != torch.float32} if score == "abs_sum" else set(params)
-    sums = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in low}
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items() if n in low}  # in params' order
     seen = 0
     model.eval()
     try:

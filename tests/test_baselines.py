@@ -37,6 +37,11 @@ def _evaluate(out, overrides):
     return read_results(out)
 
 
+def _scores(metrics):
+    """Top-1 and example counts per set (what a head scored, not which head it was)."""
+    return {name: (m["top1"], m["n"]) for name, m in metrics.items()}
+
+
 def _base():
     return load_clip("saft-tiny", None, 0)[0].state_dict()
 
@@ -76,7 +81,8 @@ def test_eval_of_a_probe_run_reproduces_it_and_wise_ft_ends_are_exact(probe, tmp
     zero = _evaluate(tmp_path / "zero", [f"run_dir={out}", "wise_alpha=0"])
     half = _evaluate(tmp_path / "half", [f"run_dir={out}", "wise_alpha=0.5"])
     assert one["metrics"] == results["metrics"] and one["weights_sha256"] == results["weights_sha256"]
-    assert zero["metrics"] == results["zeroshot_metrics"] and zero["num_changed"] == 0
+    assert _scores(zero["metrics"]) == _scores(results["zeroshot_metrics"]) and zero["num_changed"] == 0
+    assert {m["head"] for m in zero["metrics"].values()} == {"linear"}  # the probe, its change scaled to 0
     assert half["weights_sha256"] not in (results["weights_sha256"], zero["weights_sha256"])
     assert half["zeroshot_metrics"] == results["zeroshot_metrics"] and half["wise_alpha"] == 0.5
 
@@ -90,7 +96,8 @@ def test_wise_ft_scales_the_probes_change_by_alpha(probe):
     run.load_head(head, out / "head.safetensors", 0.25)
     for name, value in trained.items():
         assert torch.allclose(getattr(head, name), 0.25 * value, rtol=1e-6, atol=0) and value.abs().sum() > 0
-    assert len(head.classnames) == CLASSES and head.classnames != ["x"] * CLASSES  # the run's classes, from the file
+    classnames = run.read_head_file(out / "head.safetensors")["classnames"]  # the run's classes, from the file
+    assert len(classnames) == CLASSES and classnames != ["x"] * CLASSES
 
 
 def test_eval_without_the_head_file_or_with_a_broken_one_is_refused(probe, tmp_path):
@@ -99,7 +106,7 @@ def test_eval_without_the_head_file_or_with_a_broken_one_is_refused(probe, tmp_p
     copy = tmp_path / "copy"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
     (copy / "head.safetensors").write_bytes(b"not a tensor file")
-    with pytest.raises(ConfigError, match="does not hold this method's head"):
+    with pytest.raises(ConfigError, match="cannot be read as a head"):
         _evaluate(tmp_path / "broken", [f"run_dir={copy}"])
     (copy / "head.safetensors").unlink()
     with pytest.raises(ConfigError, match="head.safetensors is missing"):

@@ -199,12 +199,12 @@ def test_tradeoff_experiment_writes_table_and_plot(pretrained, tmp_path):
     runs = [read_results(p.parent) for p in sweep.glob("*/results.json")]
     assert len(runs) == 6 and all(r["zeroshot_metrics"] for r in runs)
     dense = [r for r in runs if r["sparsity"] == 0.01]
-    assert len(dense) == 2 and all(r["mask_exclude"] == ["conv1", "embedding"] for r in dense)
+    assert len(dense) == 2 and all(r["identity"]["method.mask.exclude"] == ["conv1", "embedding"] for r in dense)
     blocks = [k for r in dense for k, count in r["mask"].items() if k.startswith("mask/block/") and count]
     assert blocks and not any("conv1" in k or "embedding" in k for k in blocks)
     report_main([str(sweep), "--out", str(tmp_path / "report")])
     summary = (tmp_path / "report" / "report.md").read_text()
     assert "| full_ft |" in summary and "painting" in summary and "matched ID" in summary
-    assert "| saft, sparsity=0.001, mask_exclude=[] |" in summary
-    assert "| saft, sparsity=0.01, mask_exclude=['conv1', 'embedding'] |" in summary
+    assert "| saft, mask.exclude=[], sparsity=0.001 |" in summary
+    assert '| saft, mask.exclude=["conv1","embedding"], sparsity=0.01 |' in summary
     assert (tmp_path / "report" / "id_vs_ood.png").stat().st_size > 5000

@@ -11,6 +11,7 @@ from torch import nn
 import saft
 from conftest import ROOT
 from saft.errors import ConfigError
+from saft.select import gradient_sums
 
 
 def mlp():
@@ -283,3 +284,18 @@ def test_the_suggested_minimum_sparsity_is_accepted_for_every_size():
         with pytest.raises(ConfigError) as info:
             num_selected(0.4 / n, n)
         assert num_selected(float(str(info.value).rsplit(">= ", 1)[1]), n) == 1, n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_abs_sum_of_low_precision_parameters_accumulates_in_fp32(dtype):
+    """300 examples of gradient 1 in batches of one: |sum g| is 300. Summed in bf16 it stalls at 256 (1 is below
+    half a unit in the last place there), so the mask would depend on how the data is cut."""
+    model = torch.nn.Linear(1, 1, bias=False).to(dtype)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+    batches = [torch.ones(1, 1, dtype=dtype) for _ in range(300)]
+    sums = gradient_sums(model, dict(model.named_parameters()), batches, lambda m, x: m(x).reshape(-1), "abs_sum")
+    assert sums["weight"].dtype == torch.float32 and float(sums["weight"]) == 300.0
+    one_batch = gradient_sums(model, dict(model.named_parameters()), [torch.ones(300, 1, dtype=dtype)],
+                              lambda m, x: m(x).reshape(-1), "abs_sum")
+    assert float(one_batch["weight"]) == pytest.approx(300.0, rel=0.01)

@@ -74,3 +74,43 @@ def test_step_before_masks_is_an_error_and_foreign_params_are_rejected():
         opt.step()
     with pytest.raises(ValueError):
         opt.set_masks({torch.nn.Parameter(torch.ones(2)): torch.tensor([0])})
+
+
+def test_a_dense_group_is_plain_adamw_beside_the_masked_one():
+    """A classifier head beside a masked model (method.head=linear with a mask) trains in full."""
+    init = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    masked, head, reference = (torch.nn.Parameter(init.clone()) for _ in range(3))
+    opt = MaskedAdamW([{"params": [masked]}, {"params": [head], "dense": True}], lr=0.01, weight_decay=0.1)
+    ref = torch.optim.AdamW([reference], lr=0.01, weight_decay=0.1, foreach=False)
+    opt.set_masks({masked: torch.tensor([5])})
+    for g in _grads(4, init.shape):
+        masked.grad, head.grad, reference.grad = g.clone(), g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(head, reference)
+    assert (masked != init).nonzero().tolist() == [[1, 1]]
+    with pytest.raises(ValueError, match="either masked or dense"):
+        opt.set_masks({head: torch.tensor([0])})
+
+
+@pytest.mark.parametrize("indices, message", [
+    (torch.ones(2, 3, dtype=torch.bool), "not a 1-D tensor of flat integer indices"),
+    (torch.tensor([[0, 1]]), "not a 1-D tensor"),
+    (torch.tensor([0.0, 1.0]), "not a 1-D tensor"),
+    (torch.tensor([0, 6]), r"outside \[0, 6\)"),
+    (torch.tensor([-1, 2]), "outside"),
+    (torch.tensor([3, 3]), "not sorted without repeats"),
+    (torch.tensor([4, 1]), "not sorted without repeats"),
+])
+def test_from_mask_refuses_a_mask_that_does_not_fit(indices, message):
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=message):
+        MaskedAdamW.from_mask(model, {"weight": indices})
+
+
+def test_from_mask_refuses_entries_of_a_frozen_parameter():
+    model = torch.nn.Linear(3, 2)
+    model.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        MaskedAdamW.from_mask(model, {"weight": torch.tensor([1])})
+    assert MaskedAdamW.from_mask(model, {"bias": torch.tensor([1])}).masks  # a trainable one is fine

@@ -164,7 +164,7 @@ def check_resume(ckpt_path, identity: Identity) -> None:
         raise ConfigError(f"{ckpt_path} holds no run identity, so it cannot be shown to continue this training "
                           f"(written by another program or an older version of this one); start a new run in "
                           f"another hydra.run.dir")
-    differ = differences(saved, identity.settings)
+    differ = sorted(differences(saved, identity.settings), key=lambda k: (k.count("."), k))  # method.name first
     if differ:
         shown = differ[:6] + ([f"{len(differ) - 6} more"] if len(differ) > 6 else [])
         was = ", ".join(f"{k}={saved.get(k)}" if k in differ else k for k in shown)
@@ -304,7 +304,7 @@ def _results(cfg, identity: Identity, module, datamodule, num_trainable, changed
                          id_name=datamodule.id_name, ood=datamodule.ood_names, extra=extra)
 
 
-def _head_file(path: Path) -> dict:
+def read_head_file(path: Path) -> dict:
     """The tensors and class names of a run's ``head.safetensors``."""
     if not path.is_file():
         raise ConfigError(f"{path} is missing: the run's method trains a head, and its metrics need it; "
@@ -321,12 +321,12 @@ def _head_file(path: Path) -> dict:
 
 def head_classnames(cfg: DictConfig, run_dir: Path) -> Optional[List[str]]:
     """The classes a run's linear head was trained on: the head is rebuilt with them, whatever data is evaluated."""
-    return _head_file(run_dir / HEAD)["classnames"] if cfg.method.get("head", "text") == "linear" else None
+    return read_head_file(run_dir / HEAD)["classnames"] if cfg.method.get("head", "text") == "linear" else None
 
 
 def load_head(head: torch.nn.Module, path: Path, alpha=None) -> None:
     """A run's trained head; WiSE-FT scales the linear probe's change from the zero-shot head by ``alpha``."""
-    tensors = _head_file(path)["tensors"]
+    tensors = read_head_file(path)["tensors"]
     if alpha is not None:
         tensors = {k: torch.lerp(torch.zeros_like(v), v, alpha) for k, v in tensors.items()}
     try:

@@ -6,7 +6,8 @@ While Lightning runs (training, evaluation, the benchmark CLIP's pretraining) th
   submitit's (``hydra/launcher=slurm`` asks SLURM for ``USR2`` before a time-out);
 - ``SIGTERM``: pre-emption, ``scancel``, ``kill``, a container stopping.
 
-On any of them training stops after the current optimizer step, on every rank together; ``last.ckpt`` is saved
+On any of them training stops after the current optimizer step, on every rank together (an evaluation stops
+after the current batch, each rank on its own signal: SLURM signals every task); ``last.ckpt`` is saved
 (training only); under submitit the job is requeued by submitit's own handler (for ``SIGTERM`` too: submitit itself
 ignores it), elsewhere under SLURM a requeue signal runs ``scontrol requeue``; then the process exits with status
 128 + the signal number and says so. The requeued job, or the same command run again, resumes from ``last.ckpt``.
@@ -113,7 +114,9 @@ class StopOnSignal(pl.Callback):
             self._finish(trainer, saved)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if self._stop_now(trainer):
+        # Each rank decides alone: DDP ranks hold different numbers of test batches (no padded repeats), so a
+        # collective here would not match up. SLURM signals every task of a job.
+        if self.received is not None:
             self._finish(trainer, None)
 
     def _finish(self, trainer, saved: Optional[Path]) -> None:

@@ -99,6 +99,9 @@ def groups(runs: Sequence[dict], planned: Sequence[dict] = (), skip: Sequence[st
 
 
 def short(key: str) -> str:
+    """A key as a row label shows it: ``lr`` for ``method.optimizer.lr``, ``dataset`` for ``dataset.name``."""
+    if key.count(".") == 1 and key.endswith(".name"):
+        return key[:-len(".name")]
     for prefix in _PREFIXES:
         if key.startswith(prefix):
             return key[len(prefix):]
