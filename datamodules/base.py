@@ -4,6 +4,7 @@ A dataset subclass says where its images are and what they are called (``check``
 ``templates``, ``pools``, ``build_eval_sets``, ``load_image``); this class does the CoOp-style few-shot
 draw, the base-to-new split, extra evaluation sets, saves the drawn file list, and builds every loader.
 """
+import dataclasses
 import json
 import logging
 import math
@@ -241,12 +242,13 @@ class FewShotDataModule(pl.LightningDataModule):
         return self._eval_sets + self._extra_sets
 
     def add_eval_sets(self, sets: Sequence[EvalSet]) -> None:
-        """Evaluate on other datasets' test sets too (their own heads and loaders)."""
+        """Evaluate on other datasets' test sets too (their own heads and loaders). Their ``classes`` name labels of
+        their own dataset, not of this one: they are dropped (a head trained here finds their classes by name)."""
         taken = {s.name for s in self.eval_sets()}
         clash = [s.name for s in sets if s.name in taken]
         if clash:
             raise ConfigError(f"eval set names {clash} are already used in this run; list each dataset once")
-        self._extra_sets.extend(sets)
+        self._extra_sets.extend(dataclasses.replace(s, classes=None) for s in sets)
 
     @property
     def id_name(self) -> str:

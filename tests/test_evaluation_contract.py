@@ -2,6 +2,7 @@
 Lightning picks), the zero-shot reference is measured on exactly the images evaluated, every head applies to any
 eval set whose classes it knows (through the subset's columns), and results.json says which head evaluated each set.
 """
+import json
 import shutil
 
 import pytest
@@ -77,6 +78,15 @@ def test_a_probe_evaluated_on_other_classes_keeps_its_head_and_uses_the_text_hea
     assert all(m["head"] == "text" for m in results["metrics"].values())
 
 
+def test_a_probe_with_other_eval_datasets_uses_the_text_head_there(imagenet, tmp_path):
+    """eval_datasets' sets carry label positions of their own dataset, never columns of this run's head."""
+    results = run.train(compose_cfg(tmp_path / "run", FAST + ["method=linear_probe", "eval_datasets=[imagenet]",
+                                                              f"data_dir={imagenet}"]))
+    heads = {s: m["head"] for s, m in results["metrics"].items()}
+    assert heads == {"photo": "linear", "sketch": "linear", "negative": "linear", "imagenet": "text",
+                     "imagenet_v2": "text", "imagenet_sketch": "text", "imagenet_a": "text", "imagenet_r": "text"}
+
+
 def test_a_masked_method_with_a_linear_head_trains_the_head(tmp_path):
     cfg = compose_cfg(tmp_path / "run", FAST + ["method.towers=[image]", "+method.head=linear", "sparsity=0.01",
                                                 "method.optimizer.lr=0.05"])
@@ -122,8 +132,17 @@ def test_eval_on_other_data_measures_its_own_zero_shot_reference(trained, tmp_pa
 
 
 def test_eval_on_the_runs_own_data_reuses_its_reference(trained, tmp_path):
-    _script("eval.py", tmp_path / "e", [f"run_dir={trained}", "wise_alpha=0.5"])
-    assert read_results(tmp_path / "e")["zeroshot_metrics"] == read_results(trained)["zeroshot_metrics"]
+    """A marked reference in the run's results.json tells reuse from measuring again."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    results = read_results(run_dir)
+    results["zeroshot_metrics"]["photo"]["top1"] = 12.345
+    (run_dir / "results.json").write_text(json.dumps(results))
+    _script("eval.py", tmp_path / "e", [f"run_dir={run_dir}", "wise_alpha=0.5"])
+    assert read_results(tmp_path / "e")["zeroshot_metrics"]["photo"]["top1"] == 12.345
+    _script("eval.py", tmp_path / "other", [f"run_dir={run_dir}", "dataset=synthetic",
+                                            "dataset.datamodule.val_per_class=2"])  # same test images, other identity
+    assert read_results(tmp_path / "other")["zeroshot_metrics"] == read_results(trained)["zeroshot_metrics"]
     _script("eval.py", tmp_path / "none", [f"run_dir={trained}", "dataset=synthetic",
                                            "dataset.datamodule.test_per_class=9", "eval_zeroshot=false"])
     assert "zeroshot_metrics" not in read_results(tmp_path / "none")
@@ -158,6 +177,18 @@ def test_a_run_dir_holding_an_hpc_checkpoint_evaluates_its_own_model(trained, tm
     assert results["zeroshot_metrics"] == expected["zeroshot_metrics"] and results["metrics"] == expected["metrics"]
     assert "ignoring" in proc.stdout + proc.stderr and "hpc_ckpt_1.ckpt" in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt"]  # and none written
+
+
+def test_signal_handlers_are_given_back_after_a_run_fails_or_finishes(tmp_path):
+    import signal
+    from saft.app.signals import OWNED
+    before = {s: signal.getsignal(s) for s in OWNED}
+    with pytest.raises(ConfigError, match="non-finite"):
+        run.train(compose_cfg(tmp_path / "nan", FAST + ["method=full_ft", "method.optimizer.lr=1e30",
+                                                        "trainer.gradient_clip_val=null"]))
+    assert {s: signal.getsignal(s) for s in OWNED} == before
+    run.train(compose_cfg(tmp_path / "ok", FAST))
+    assert {s: signal.getsignal(s) for s in OWNED} == before
 
 
 def test_a_checkpoint_lightning_loads_unasked_is_refused(trained, tmp_path):

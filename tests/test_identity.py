@@ -62,6 +62,32 @@ def test_a_shared_value_counts_only_where_the_run_uses_it(tmp_path):
     assert "sparsity" in saft[0].method_keys and "lr_scale" in saft[0].method_keys and "shots" not in saft[0].method_keys
 
 
+def test_the_seed_counts_even_where_no_config_interpolates_it(tmp_path):
+    """CoOp draws its context from the global RNG that ``seed`` seeds: with the datamodule's seed pinned, nothing
+    interpolates ``${seed}`` any more, and the runs still differ."""
+    a, b = (_identity(tmp_path, ["method=coop", "dataset.datamodule.seed=1", f"seed={s}"]) for s in (2, 3))
+    assert a.hash != b.hash and a.seed_keys == ["seed"]
+
+
+def test_a_number_is_one_value_whatever_its_spelling(tmp_path):
+    """A sweep's lr_scale=1 and the config's 1.0 are one configuration (and one resume)."""
+    assert _identity(tmp_path, ["lr_scale=1"]).hash == _identity(tmp_path, []).hash
+    assert _identity(tmp_path, ["lr_scale=1"]).settings["lr_scale"] == 1
+
+
+def test_only_the_checkpoint_writer_of_the_trainer_plugins_is_ignored(tmp_path):
+    half = ["trainer.plugins=[{_target_:saft.app.checkpoint_io.AtomicCheckpointIO},"
+            "{_target_:pytorch_lightning.plugins.precision.HalfPrecision}]"]
+    assert _identity(tmp_path, ["trainer.plugins=[]"]).hash == _identity(tmp_path, []).hash
+    assert _identity(tmp_path, half).hash != _identity(tmp_path, []).hash
+
+
+def test_what_an_ignored_key_interpolates_does_not_count(tmp_path):
+    """A logger named after the sparsity does not make full fine-tuning depend on it."""
+    ft = [_identity(tmp_path, ["method=full_ft", "logger.name=x_${sparsity}", f"sparsity={s}"]) for s in (0.1, 0.2)]
+    assert ft[0].hash == ft[1].hash and "sparsity" not in ft[0].settings
+
+
 def test_a_split_file_counts_by_its_content_and_a_data_path_by_nothing(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text('{"train": [], "val": []}')
@@ -129,6 +155,32 @@ def test_repeated_runs_of_one_seed_count_once_and_are_listed(tmp_path):
     assert len(runs.duplicates) == 3 and all("seed1_0" in kept for _, kept in runs.duplicates)
 
 
+def test_one_configuration_in_two_experiments_keeps_a_row_in_each(tmp_path):
+    """Each ablation's default point is the same configuration: every ablation table keeps its row."""
+    from saft.report.runs import without_duplicates
+    from saft.report.tables import ablation_tables
+    runs = [{**_fake(tmp_path, []), "experiment": name} for name in ("ablation_score", "ablation_scope")]
+    kept, duplicates = without_duplicates(runs)
+    assert len(kept) == 2 and not duplicates
+    tables = {t.name: t for t in ablation_tables(Runs(finished=kept))}
+    assert set(tables) == {"ablation_score", "ablation_scope"} and all(len(t.rows) == 1 for t in tables.values())
+    (cells,) = _rows(summary_table(Runs(finished=kept))).values()
+    assert cells[-1] == 1  # one seed, not two
+
+
+def test_base_to_new_rows_of_other_shots_keep_their_label_and_their_average(tmp_path):
+    from saft.report.tables import base_to_new_table
+    def b2n(shots, seed, base):
+        run = _fake(tmp_path, ["protocol=base2new", f"shots={shots}"], seed)
+        return {**run, "protocol": "base2new", "id": "base", "ood": ["new"], "hm": base,
+                "metrics": {"base": {"top1": base}, "new": {"top1": base}}}
+    rows = _rows(base_to_new_table(Runs(finished=[b2n(4, s, 40.0 + s) for s in (1, 2)]
+                                                 + [b2n(2, s, 20.0 + s) for s in (1, 2)])))
+    assert rows["synthetic: saft, shots=4"][0].values == [41.0, 42.0]
+    assert rows["synthetic: saft, shots=2"][0].values == [21.0, 22.0]
+    assert {k for k in rows if k.startswith("average")} == {"average: saft, shots=2", "average: saft, shots=4"}
+
+
 def test_full_ft_of_some_parameters_is_no_matched_id_reference(tmp_path):
     saft = _fake(tmp_path, [], 1, 25.0, 79.0)
     layer_norms = _fake(tmp_path, ["method=full_ft", "method.trainable=[ln_]"], 1, 30.0, 70.0)
@@ -149,16 +201,18 @@ def test_lp_ft_meets_full_ft_whose_towers_differ(tmp_path):
 # --- resume compares the identity on every path -------------------------------------------------------
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """A run dir whose last attempt saved last.ckpt but wrote no results (as a killed run leaves it)."""
+    """A run dir as a run killed after step 1 leaves it (last.ckpt of step 1, no results), and the results of the
+    whole run."""
     out = tmp_path_factory.mktemp("interrupted") / "run"
-    run.train(compose_cfg(out, FAST + STEPS))
+    whole = run.train(compose_cfg(out, FAST + STEPS))
     (out / "results.json").unlink()
-    return out
+    shutil.copy(out / "checkpoints" / "step_000001.ckpt", out / "checkpoints" / "last.ckpt")
+    return out, whole
 
 
 def _copy(interrupted, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(interrupted, out)
+    shutil.copytree(interrupted[0], out)
     return out
 
 
@@ -175,7 +229,8 @@ def test_ckpt_path_last_with_other_settings_is_refused(interrupted, tmp_path, ch
 def test_ckpt_path_last_resumes_with_the_runs_own_settings(interrupted, tmp_path):
     out = _copy(interrupted, tmp_path)
     results = run.train(compose_cfg(out, FAST + STEPS + ["ckpt_path=last"]))
-    assert results["identity_hash"] == run_identity(compose_cfg(tmp_path / "x", FAST + STEPS)).hash
+    assert results["weights_sha256"] == interrupted[1]["weights_sha256"]  # steps 2-3 trained from step 1's state
+    assert results["metrics"] == interrupted[1]["metrics"]
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_named(tmp_path):

@@ -1,6 +1,7 @@
 """A run stopped by a signal exits non-zero, says so, saves last.ckpt, requeues where SLURM or submitit can, and
 the same command resumes it to the weights of an uninterrupted run (saft.app.signals)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,8 +96,9 @@ def test_under_submitit_the_run_saves_then_submitit_requeues(whole, tmp_path, se
     wrapper.write_text(SUBMITIT)
     proc, log = _start([sys.executable, str(wrapper), str(marker), *_train(out)[1:]], out)
     proc.send_signal(sent)
-    assert proc.wait(timeout=120) != 0
+    assert proc.wait(timeout=120) == 255  # submitit's exit after a requeue
     assert marker.read_text() == f"requeued after {signal.Signals(sent).name}", log.read_text()[-2000:]
+    assert f"stopped by {signal.Signals(sent).name} at step" in log.read_text() and "submitit requeues" in log.read_text()
     assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "results.json").exists()
     _resumes_to_the_whole_run(out, whole)
 
@@ -125,9 +127,10 @@ def test_ddp_ranks_stop_together_on_a_signal_to_one(whole, tmp_path):
     command = _train(out) + ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
     proc, log = _start(command, out)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) != 0, log.read_text()[-2000:]
-    assert "stopped by SIGTERM" in log.read_text()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    steps = re.findall(r"error: stopped by SIGTERM at step (\d+)", log.read_text())
+    assert len(steps) == 2 and steps[0] == steps[1], steps  # both ranks, at the same step
     step = checkpoint(out)["global_step"]
-    assert 5 <= step < 40
+    assert step == int(steps[0]) and 5 <= step < 40
     proc = run_script("train.py", _train(out)[2:] + ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
     assert checkpoint(out)["global_step"] == 40 and (out / "results.json").is_file()

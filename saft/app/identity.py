@@ -5,10 +5,12 @@ The identity is the run's resolved config, flattened to dotted keys, minus the f
 files lie) left out and ``CONTENT`` files counted by their bytes. results.json, the resume check, the report and
 wandb all read it from here, so a new config option is part of every run's identity without anyone listing it.
 
-Two rules keep it about what runs, not what was typed:
+Three rules keep it about what runs, not what was typed:
 - a null and a missing key mean the same to the code (``cfg.get``), so nulls are dropped;
-- a top-level key that the configs exist to interpolate (``sparsity`` in ``${sparsity}``) counts only where this
-  run's config interpolates it: full fine-tuning has no mask, so its runs do not differ by ``sparsity``.
+- a number is a number: ``lr_scale=1`` (a sweep) and ``lr_scale: 1.0`` (the config) are one value;
+- a top-level value that only method configs interpolate (``${sparsity}`` in ``conf/method/saft.yaml``) counts
+  only where this run's config interpolates it: full fine-tuning has no mask, so its runs do not differ by
+  ``sparsity``. Every other top-level key (``seed``, ``eval_datasets``) always counts: code may read it directly.
 """
 import fnmatch
 import hashlib
@@ -22,26 +24,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from saft.app import CONF_DIR
 
-IGNORED = {
+IGNORED = {  # patterns on flat keys (a key matches its own name, anything below it, or an fnmatch pattern)
     "hydra": "Hydra's output folders, launcher and job settings",
     "ckpt_path": "where a resume starts from; the resume check compares the identities themselves",
     "run_dir": "eval.py: the folder of the evaluated run (its settings are the rest of this identity)",
-    "experiment_name": "a label for sweep folders; the settings an experiment freezes are keys of their own",
+    "experiment_name": "a label for sweep folders and report tables; an experiment's settings are keys of their own",
     "eval_zeroshot": "adds the zero-shot reference measurement; the trained model and its metrics are unchanged",
-    "num_workers": "augmentations are seeded per sample (EpochSeededSampler), so the worker count changes no batch",
-    "dataset.datamodule.num_workers": "as num_workers",
-    "eval_batch_size": "evaluation and the mask's scoring pass see every example once whatever the batch; the "
-                       "batch cut changes results only by float rounding",
-    "dataset.datamodule.eval_batch_size": "as eval_batch_size",
+    "*num_workers": "augmentations are seeded per sample (EpochSeededSampler), so the worker count changes no batch",
+    "*eval_batch_size": "evaluation and the mask's scoring pass see every example once whatever the batch; the "
+                        "batch cut changes results only by float rounding",
     "logger": "where metrics are logged",
     "checkpoint": "when and where checkpoints are written; the final state is always saved",
-    "trainer.plugins": "how checkpoint files are written (atomically)",
     "trainer.enable_progress_bar": "display only",
     "trainer.enable_model_summary": "display only",
     "trainer.log_every_n_steps": "how often metrics are logged",
-    "dataset.datamodule.download": "whether missing files may be fetched; the files are the same",
-    "model.pretrain.download": "as dataset.datamodule.download",
+    "*download": "whether missing files may be fetched; the files are the same",
 }
+# Objects in a list (``trainer.plugins``) that cannot change results, by ``_target_``.
+IGNORED_TARGETS = {"saft.app.checkpoint_io.AtomicCheckpointIO": "how checkpoint files are written (atomically)"}
 # Paths: the same files in another place are the same data.
 LOCATIONS = ("data_dir", "*.data_dir", "dataset.datamodule.root", "dataset.datamodule.variant_dirs.*")
 # Files whose content is the setting: a copy elsewhere is the same run, an edited file another.
@@ -93,6 +93,18 @@ def _flatten(node, prefix: str = "") -> Dict[str, Any]:
     return {prefix: node}
 
 
+def _canonical(value):
+    """Integral floats as ints (never bools), in lists too; objects of ``IGNORED_TARGETS`` left out of lists."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_canonical(v) for v in value
+                if not (isinstance(v, Mapping) and v.get("_target_") in IGNORED_TARGETS)]
+    if isinstance(value, Mapping):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
 def _file_digest(path) -> str:
     try:
         return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
@@ -100,22 +112,38 @@ def _file_digest(path) -> str:
         return f"missing:{path}"  # validation names the missing file before anything runs
 
 
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _strings(v)
+
+
 @lru_cache(maxsize=1)
-def _interpolated_anywhere() -> frozenset:
-    """Top-level keys some config file interpolates: the values a sweep sets once for every group."""
-    found = set()
+def _method_handles() -> frozenset:
+    """Top-level keys that only method configs (``conf/method/``) interpolate, comments and ignored groups
+    (``logger``, ``hydra``) aside."""
+    where: Dict[str, set] = {}
     for path in CONF_DIR.rglob("*.yaml"):
-        found |= set(_REFERENCE.findall(path.read_text()))
-    return frozenset(found)
+        group = path.relative_to(CONF_DIR).parts[0]
+        if _matches(group, IGNORED):
+            continue
+        for line in path.read_text().splitlines():
+            for name in _REFERENCE.findall(line.split("#", 1)[0]):
+                where.setdefault(name, set()).add(group)
+    return frozenset(name for name, groups in where.items() if groups == {"method"})
 
 
-def _references(cfg: DictConfig) -> Dict[str, List[str]]:
-    """Top-level key -> the flat keys of this run's (unresolved) config whose value interpolates it."""
-    raw = _flatten(OmegaConf.to_container(cfg, resolve=False))
+def _references(raw: Mapping[str, Any]) -> Dict[str, List[str]]:
+    """Top-level key -> the kept flat keys whose unresolved value interpolates it."""
     refs: Dict[str, List[str]] = {}
     for key, value in raw.items():
-        if isinstance(value, str) and not key.startswith("hydra."):
-            for name in _REFERENCE.findall(value):
+        for text in _strings(value):
+            for name in _REFERENCE.findall(text):
                 refs.setdefault(name, []).append(key)
     return refs
 
@@ -124,14 +152,13 @@ def run_identity(cfg: DictConfig) -> Identity:
     """The identity of the run ``cfg`` (a composed train or eval config, with or without ``hydra``, e.g. a run's
     ``.hydra/config.yaml``). Each kept key is resolved on its own: an ignored key (``checkpoint.dirpath`` names
     Hydra's output dir) is never resolved, so a saved config gives the same identity outside Hydra."""
-    refs = _references(cfg)
-    raw = _flatten(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
-                                          resolve=False))
+    raw = {k: v for k, v in _flatten(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                                            resolve=False)).items() if not _matches(k, IGNORED)}
+    refs = _references(raw)
     settings = {}
     for key in sorted(raw):
-        top = key.split(".")[0]
-        if _matches(key, IGNORED) or (key == top and top in _interpolated_anywhere() and not refs.get(top)):
-            continue  # declared as not changing results, or a shared value this run does not use
+        if key in _method_handles() and not refs.get(key):
+            continue  # a method's value this run's method does not use
         value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
         value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         for flat_key, flat_value in (_flatten(value, key) if isinstance(value, dict) else {key: value}).items():
@@ -141,17 +168,11 @@ def run_identity(cfg: DictConfig) -> Identity:
                 flat_value = _file_digest(flat_value)
             elif _matches(flat_key, LOCATIONS):
                 flat_value = LOCATION
-            settings[flat_key] = flat_value
-    seed_keys = [k for k in settings if k == "seed" or k in refs.get("seed", []) and _raw_is(cfg, k, "${seed}")]
+            settings[flat_key] = _canonical(flat_value)
+    seed_keys = [k for k in settings if k == "seed" or k in refs.get("seed", []) and raw.get(k) == "${seed}"]
     method_keys = [k for k in settings if k.startswith("method.")
                    or (k in refs and all(r.startswith("method.") for r in refs[k]))]
     return Identity(dict(sorted(settings.items())), seed_keys, method_keys)
-
-
-def _raw_is(cfg: DictConfig, key: str, text: str) -> bool:
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    return OmegaConf.to_container(node, resolve=False).get(leaf) == text
 
 
 def differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> List[str]:

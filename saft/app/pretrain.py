@@ -25,7 +25,7 @@ from saft.atomic import atomic_path
 from saft.app import CONF_DIR
 from saft.app.clip import MAX_LOGIT_SCALE, load_clip
 from saft.app.progress import progress_bars
-from saft.app.signals import StopOnSignal
+from saft.app.signals import StopOnSignal, owned
 from saft.errors import ConfigError
 from saft.optim import warmup_cosine
 
@@ -107,7 +107,8 @@ def pretrain(name: str, out: Path, data_dir: str, steps: int, batch_size: int, l
     trainer = pl.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=True, gradient_clip_val=1.0,
                          callbacks=[StopOnSignal(), *progress_bars()])  # a signal: exit non-zero, nothing cached
-    trainer.fit(module, DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0))
+    with owned():
+        trainer.fit(module, DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         torch.save({"state_dict": model.state_dict()}, tmp)

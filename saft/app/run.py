@@ -37,7 +37,7 @@ from saft.app.progress import progress_bars
 from saft.app.checkpoint_io import checkpoint_entry
 from saft.app.identity import Identity, differences, run_identity, without
 from saft.app.results import ERROR, RESULTS, build_results, summary, write_json
-from saft.app.signals import StopOnSignal, cluster_plugins
+from saft.app.signals import StopOnSignal, cluster_plugins, owned
 from saft.app.validate import output_dir, validate
 from saft.errors import ConfigError
 
@@ -91,9 +91,10 @@ def _dataset_config(name: str) -> DictConfig:
         return hydra.compose(config_name="train", overrides=[f"dataset={name}"]).dataset
 
 
-def build(cfg: DictConfig, head_classnames: Optional[Sequence[str]] = None):
-    """The datamodule (checked first: it is cheap), then the model around it. ``head_classnames``: the classes of
-    a trained linear head being evaluated (its own, whatever data this run evaluates)."""
+def build(cfg: DictConfig, identity: Optional[Identity] = None, head_classnames: Optional[Sequence[str]] = None):
+    """The datamodule (checked first: it is cheap), then the model around it (its checkpoints carry ``identity``,
+    by default the config's).
+    ``head_classnames``: the classes of a trained linear head being evaluated (its own, whatever data is evaluated)."""
     datamodule = build_datamodule(cfg)
     model, train_tf, eval_tf, tokenizer = load_clip(**resolve_pretrained(cfg.model))
     datamodule.set_transforms(train_tf, eval_tf)
@@ -106,7 +107,7 @@ def build(cfg: DictConfig, head_classnames: Optional[Sequence[str]] = None):
             head.tokens(names)
     module = CLIPClassifier(model, tokenizer, optimizer, towers=list(method.towers),
                             warmup_fraction=method.warmup_fraction, schedule=method.schedule,
-                            identity=run_identity(cfg).settings, head=head,
+                            identity=(identity or run_identity(cfg)).settings, head=head,
                             trainable=list(method.get("trainable") or []), lp_fraction=method.get("lp_fraction", 0.0),
                             head_lr=method.get("head_lr"), head_weight_decay=method.get("head_weight_decay"))
     return datamodule, module
@@ -164,7 +165,7 @@ def check_resume(ckpt_path, identity: Identity) -> None:
         raise ConfigError(f"{ckpt_path} holds no run identity, so it cannot be shown to continue this training "
                           f"(written by another program or an older version of this one); start a new run in "
                           f"another hydra.run.dir")
-    differ = sorted(differences(saved, identity.settings), key=lambda k: (k.count("."), k))  # method.name first
+    differ = sorted(differences(saved, identity.settings), key=lambda k: (k.count("."), k))  # outer keys first
     if differ:
         shown = differ[:6] + ([f"{len(differ) - 6} more"] if len(differ) > 6 else [])
         was = ", ".join(f"{k}={saved.get(k)}" if k in differ else k for k in shown)
@@ -174,18 +175,28 @@ def check_resume(ckpt_path, identity: Identity) -> None:
                           f"new run in another hydra.run.dir")
 
 
+def last_checkpoint(cfg: DictConfig) -> Path:
+    return Path(cfg.checkpoint.dirpath) / "last.ckpt"
+
+
 def train(cfg: DictConfig) -> dict:
+    """Train, test and write the run's artifacts; the stop signals are this job's throughout (saft.app.signals)."""
+    with owned():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict:
     validate(cfg)
     identity = run_identity(cfg)
     ckpt_path = resume_path(cfg) if cfg.method.train else None
     if ckpt_path:
         check_resume(ckpt_path, identity)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build(cfg)
+    datamodule, module = build(cfg, identity)
     module.restore_from = ckpt_path
     mask_callback = hydra.utils.instantiate(cfg.method.mask) if cfg.method.get("mask") else None
     callbacks = [c for c in (mask_callback, hydra.utils.instantiate(cfg.checkpoint)) if c is not None]
-    last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
+    last = last_checkpoint(cfg)
     trainer = make_trainer(cfg, callbacks, identity, "train", checkpoint=last if cfg.method.train else None)
     if trainer.is_global_zero:
         datamodule.save_split(output_dir() / "split.json")
@@ -230,7 +241,7 @@ def resume_path(cfg: DictConfig) -> Optional[str]:
     ``last.ckpt``); without it, this run dir's own ``last.ckpt`` when an earlier attempt of the same run was
     interrupted (a re-run of the same command, a requeue); else None, a fresh start. Lightning's SLURM
     ``hpc_ckpt`` files are never resumed from: nothing here writes them."""
-    last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
+    last = last_checkpoint(cfg)
     for stray in sorted(output_dir().glob("hpc_ckpt_*.ckpt")):
         log.warning("ignoring %s: Lightning's SLURM requeue checkpoints are not used (this run resumes from %s)",
                     stray, last)
@@ -365,6 +376,12 @@ def compose_for_run(run_dir: Path, overrides: Sequence[str], composed: DictConfi
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate a finished run (or zero-shot CLIP) and write results.json; signals as in :func:`train`."""
+    with owned():
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else None
     if run_dir is not None:
         cfg = compose_for_run(run_dir, HydraConfig.get().overrides.task, cfg)
@@ -372,7 +389,7 @@ def evaluate(cfg: DictConfig) -> dict:
     identity = run_identity(cfg)
     OmegaConf.save(cfg, output_dir() / ".hydra" / "config.yaml")  # the config this evaluation really used
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build(cfg, head_classnames(cfg, run_dir) if run_dir is not None else None)
+    datamodule, module = build(cfg, identity, head_classnames(cfg, run_dir) if run_dir is not None else None)
     trainer = make_trainer(cfg, [], identity, "eval")
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(hyperparameters(cfg, identity))
@@ -408,8 +425,11 @@ def zeroshot_reference(cfg, identity: Identity, trained: dict, trainer, module, 
     measured now on the base model; none without ``eval_zeroshot``."""
     if not cfg.get("eval_zeroshot"):
         return None
-    if trained.get("zeroshot_metrics") and trained.get("identity") == without(identity.settings, ["wise_alpha"]):
+    same_sets = [s.name for s in datamodule.eval_sets()] == list(trained.get("zeroshot_metrics") or {})
+    if same_sets and trained.get("identity") == without(identity.settings, ["wise_alpha"]):
+        log.info("zero-shot reference: the training run's (same identity, same eval sets)")
         return trained["zeroshot_metrics"]
+    log.info("zero-shot reference: measured now on this evaluation's data")
     with module.text_head_only():
         trainer.test(module, datamodule=datamodule, verbose=False)
     return dict(module.results)

@@ -9,8 +9,10 @@ While Lightning runs (training, evaluation, the benchmark CLIP's pretraining) th
 On any of them training stops after the current optimizer step, on every rank together (an evaluation stops
 after the current batch, each rank on its own signal: SLURM signals every task); ``last.ckpt`` is saved
 (training only); under submitit the job is requeued by submitit's own handler (for ``SIGTERM`` too: submitit itself
-ignores it), elsewhere under SLURM a requeue signal runs ``scontrol requeue``; then the process exits with status
-128 + the signal number and says so. The requeued job, or the same command run again, resumes from ``last.ckpt``.
+ignores it; submitit then exits with its own status, 255), elsewhere under SLURM a requeue signal runs ``scontrol
+requeue``; the process says so and exits with status 128 + the signal number. The requeued job, or the same
+command run again, resumes from ``last.ckpt``. Signals are owned for the whole job (:func:`owned`, around
+``train``/``evaluate``), so one that arrives between Lightning's calls stops the run at the next step as well.
 Lightning's own SLURM requeue is switched off (:func:`cluster_plugins`), so it never writes ``hpc_ckpt`` files.
 """
 import logging
@@ -19,11 +21,13 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 OWNED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -48,53 +52,69 @@ def _submitit_requeue(handler) -> bool:
     return getattr(handler, "__name__", "") == "checkpoint_and_try_requeue"
 
 
-class StopOnSignal(pl.Callback):
-    """``checkpoint``: where to save the state of an interrupted fit (``None``: nothing to save)."""
+class _Owner:
+    """The process's signal state while a job runs: our handler notes the signal; the handlers that were there
+    before (submitit's, the defaults) come back when the job ends, however it ends."""
 
-    def __init__(self, checkpoint: Optional[Path] = None):
-        self.checkpoint = checkpoint
+    def __init__(self):
         self.received: Optional[int] = None
-        self._previous = {}
-        self._step_at_batch_start = 0
+        self.previous = {}
+        self.depth = 0
 
-    # Lightning installs its own SIGTERM handler when a fit or test starts (after ``setup`` and ``on_fit_start``,
-    # where the mask is scored): ours goes in at ``setup`` and again once Lightning's is in.
-    def setup(self, trainer, pl_module, stage):
-        self._install()
-
-    def on_train_start(self, trainer, pl_module):
-        self._install()
-
-    def on_test_start(self, trainer, pl_module):
-        self._install()
-
-    def teardown(self, trainer, pl_module, stage):
-        self._restore()
-
-    def on_exception(self, trainer, pl_module, exception):
-        self._restore()
-
-    def _install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for s in OWNED:
-            current = signal.getsignal(s)
-            if current != self._note and s not in self._previous:
-                self._previous[s] = current
-            signal.signal(s, self._note)
-
-    def _restore(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for s, handler in self._previous.items():
-                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
-
-    def _note(self, signum, frame) -> None:
+    def note(self, signum, frame) -> None:
         log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
         self.received = signum
 
+    def install(self) -> None:
+        """Bind our handler (again: Lightning binds its own SIGTERM handler whenever a fit or test starts)."""
+        if self.depth and threading.current_thread() is threading.main_thread():
+            for s in OWNED:
+                signal.signal(s, self.note)
+
+    @contextmanager
+    def owned(self):
+        """Own the signals for a job (nested uses are one): a Lightning stop on SIGTERM that slipped through
+        (Lightning's handler is bound for a moment before ours is rebound) exits non-zero too."""
+        outermost = self.depth == 0 and threading.current_thread() is threading.main_thread()
+        if outermost:
+            self.received, self.previous = None, {s: signal.getsignal(s) for s in OWNED}
+        self.depth += 1
+        self.install()
+        try:
+            yield
+        except SIGTERMException:
+            message = "stopped by SIGTERM (Lightning's handler); run the same command again to resume"
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            raise RunStopped(signal.SIGTERM, message) from None
+        finally:
+            self.depth -= 1
+            if outermost:
+                for s, handler in self.previous.items():
+                    signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+OWNER = _Owner()
+owned = OWNER.owned
+
+
+class StopOnSignal(pl.Callback):
+    """Stops a Lightning run on a signal noted while :func:`owned` is active. ``checkpoint``: where an interrupted
+    fit saves its state (``None``: nothing to save)."""
+
+    def __init__(self, checkpoint: Optional[Path] = None):
+        self.checkpoint = checkpoint
+        self._step_at_batch_start = 0
+
+    # Lightning binds its own SIGTERM handler when a fit or test starts (after ``on_fit_start``, where the mask is
+    # scored); ours goes back in once Lightning's is there, and Lightning's teardown restores ours.
+    def on_train_start(self, trainer, pl_module):
+        OWNER.install()
+
+    def on_test_start(self, trainer, pl_module):
+        OWNER.install()
+
     def _stop_now(self, trainer) -> bool:
-        stop = self.received is not None
+        stop = OWNER.received is not None
         if trainer.world_size > 1:  # every rank stops at the same step, or DDP's next all-reduce would hang
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         return stop
@@ -116,31 +136,30 @@ class StopOnSignal(pl.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         # Each rank decides alone: DDP ranks hold different numbers of test batches (no padded repeats), so a
         # collective here would not match up. SLURM signals every task of a job.
-        if self.received is not None:
+        if OWNER.received is not None:
             self._finish(trainer, None)
 
     def _finish(self, trainer, saved: Optional[Path]) -> None:
-        signum = self.received or signal.SIGTERM  # a rank that got none stops with the others
+        signum = OWNER.received or signal.SIGTERM  # a rank that got none stops with the others
         name = signal.Signals(signum).name
         where = f"at step {trainer.global_step}" if trainer.state.fn == "fit" else "during evaluation"
         kept = f"; saved {saved}" if saved else ""
-        requeued = self._requeue(signum, trainer) if trainer.is_global_zero else ""
+        submitit = _submitit_requeue(OWNER.previous.get(signal.SIGUSR2))
+        requeued = "; submitit requeues the job" if submitit else self._requeue(signum) if trainer.is_global_zero else ""
         message = (f"stopped by {name} {where}{kept}{requeued}. The run is not finished: run the same command again "
                    f"(same hydra.run.dir) to resume it")
         log.warning(message)
         print(f"error: {message}", file=sys.stderr, flush=True)
+        if submitit:
+            OWNER.previous[signal.SIGUSR2](signum, None)  # requeues and exits (status 255), or raises if it may not
         raise RunStopped(signum, message)
 
-    def _requeue(self, signum: int, trainer) -> str:
-        submitit = self._previous.get(signal.SIGUSR2)
-        if _submitit_requeue(submitit):
-            print(f"error: stopped by {signal.Signals(signum).name}; submitit requeues the job", file=sys.stderr,
-                  flush=True)
-            submitit(signum, None)  # requeues and exits, or raises when it may not requeue
+    @staticmethod
+    def _requeue(signum: int) -> str:
         job = os.environ.get("SLURM_JOB_ID")
-        if job and signum in REQUEUE:
-            array = os.environ.get("SLURM_ARRAY_JOB_ID")
-            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
-            result = subprocess.call(["scontrol", "requeue", job])
-            return f"; requeued SLURM job {job}" if result == 0 else f"; 'scontrol requeue {job}' failed ({result})"
-        return ""
+        if not job or signum not in REQUEUE:
+            return ""
+        array = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
+        result = subprocess.call(["scontrol", "requeue", job])
+        return f"; requeued SLURM job {job}" if result == 0 else f"; 'scontrol requeue {job}' failed ({result})"

@@ -62,11 +62,12 @@ def without_reevaluations(finished: List[dict]) -> List[dict]:
 
 
 def without_duplicates(finished: List[dict]) -> Tuple[List[dict], List[Tuple[str, str]]]:
-    """One run per identity (configuration and seed): a repeat would count as another seed."""
-    kept: Dict[str, dict] = {}
+    """One run per identity (configuration and seed) and experiment: a repeat would count as another seed. (Two
+    experiments may run one configuration, e.g. each ablation's default point: each keeps its run.)"""
+    kept: Dict[tuple, dict] = {}
     duplicates = []
     for r in finished:
-        first = kept.setdefault(r["identity_hash"], r)
+        first = kept.setdefault((r["identity_hash"], r.get("experiment")), r)
         if first is not r:
             duplicates.append((r.get("dir", "?"), first.get("dir", "?")))
     return list(kept.values()), duplicates
@@ -79,8 +80,7 @@ def settings(run: dict) -> dict:
 
 def config_key(run: dict, skip: Sequence[str] = ()) -> str:
     """A configuration's key; ``skip``: keys (or key prefixes ending in '.') left out, e.g. what a curve runs over."""
-    return digest({k: v for k, v in settings(run).items() if not any(k == s or s.endswith(".") and k.startswith(s)
-                                                                      for s in skip)})
+    return digest({k: v for k, v in settings(run).items() if not _skipped(k, skip)})
 
 
 def context_key(run: dict) -> str:
@@ -89,12 +89,18 @@ def context_key(run: dict) -> str:
 
 
 def groups(runs: Sequence[dict], planned: Sequence[dict] = (), skip: Sequence[str] = ()) -> Dict[str, List[dict]]:
-    """Configuration key -> its runs, in the order of their labels' sort; planned runs give empty groups."""
+    """Configuration key -> its runs, one per seed (two experiments that ran one configuration count its seed
+    once); planned runs give empty groups."""
     out: Dict[str, List[dict]] = {}
     for r in planned:
         out.setdefault(config_key(r, skip), [])
+    seen = set()
     for r in runs:
-        out.setdefault(config_key(r, skip), []).append(r)
+        key = config_key(r, skip)
+        if (key, r["identity_hash"]) in seen:
+            continue
+        seen.add((key, r["identity_hash"]))
+        out.setdefault(key, []).append(r)
     return out
 
 
@@ -112,16 +118,21 @@ def _partition(runs: Sequence[dict], key: str) -> Tuple:
     return tuple(json.dumps(settings(r).get(key), sort_keys=True) for r in runs)
 
 
-def varying(runs: Sequence[dict]) -> List[str]:
-    """Identity keys whose values differ among the configurations of one method (the seed aside). Keys that split
-    the runs alike (``lr_scale`` and the ``lr`` it sets, ``shots`` and the datamodule's) show once, by the shortest
-    name."""
+def _skipped(key: str, skip: Sequence[str]) -> bool:
+    return any(key == s or s.endswith(".") and key.startswith(s) for s in skip)
+
+
+def varying(runs: Sequence[dict], skip: Sequence[str] = ()) -> List[str]:
+    """Identity keys (but ``skip``) whose values differ among the configurations of one method (the seed aside).
+    Keys that split the runs alike (``lr_scale`` and the ``lr`` it sets, ``shots`` and the datamodule's) show
+    once: by the shortest name, the outermost key of those."""
     by_method: Dict[str, List[dict]] = {}
     for r in runs:
         by_method.setdefault(r["identity"].get("method.name", r.get("method")), []).append(r)
     found = {}
     for members in by_method.values():
-        keys = sorted({k for r in members for k in settings(r)}, key=lambda k: (len(short(k)), k))
+        keys = sorted({k for r in members for k in settings(r) if not _skipped(k, skip)},
+                      key=lambda k: (len(short(k)), k.count("."), k))
         for key in keys:
             if key != "method.name" and len(set(_partition(members, key))) > 1:
                 found.setdefault((id(members), _partition(members, key)), key)

@@ -73,8 +73,7 @@ def _rows(runs: Sequence[dict], planned: Sequence[dict] = (), skip: Sequence[str
     grouped = groups(runs, planned, skip)
     examples = {key: members[0] if members else next(p for p in planned if config_key(p, skip) == key)
                 for key, members in grouped.items()}
-    keys = [k for k in varying(list(examples.values())) if not any(k == s or s.endswith(".") and k.startswith(s)
-                                                                  for s in skip)]
+    keys = varying(list(examples.values()), skip)
     return sorted(((label(examples[key], keys), members) for key, members in grouped.items()), key=lambda x: x[0])
 
 
@@ -116,20 +115,21 @@ def base_to_new_table(runs: Runs) -> Optional[Table]:
     order = {d: i for i, d in enumerate(BASE_TO_NEW_DATASETS)}
     rows = []
     per_configuration: Dict[str, Dict[str, List[Cell]]] = defaultdict(dict)
+    names = {}
     for name, members in _rows(b2n, skip=DATASET_KEYS):
-        by_dataset = defaultdict(list)
-        for r in members:
-            by_dataset[r["dataset"]].append(r)
-        for dataset, seeds in by_dataset.items():
+        configuration = config_key(members[0], DATASET_KEYS)
+        names[configuration] = name
+        for seeds in groups(members).values():  # one per dataset
+            dataset = seeds[0]["dataset"]
             trio = [_cell(seeds, _top1("base")), _cell(seeds, _top1("new")), _cell(seeds, lambda r: r.get("hm"))]
-            per_configuration[name][dataset] = trio
+            per_configuration[configuration][dataset] = trio
             rows.append(((order.get(dataset, len(order)), dataset, name), f"{dataset}: {name}", trio + [len(seeds)]))
     rows = [(text, cells) for _, text, cells in sorted(rows, key=lambda row: row[0])]
-    for name, trios in sorted(per_configuration.items()):
+    for configuration, trios in sorted(per_configuration.items(), key=lambda kv: names[kv[0]]):
         average = [Cell([statistics.mean(trios[d][i].mean for d in BASE_TO_NEW_DATASETS)])
                    if all(d in trios and trios[d][i].values for d in BASE_TO_NEW_DATASETS) else Cell([])
                    for i in range(3)]
-        rows.append((f"average: {name}", average + [""]))
+        rows.append((f"average: {names[configuration]}", average + [""]))
     for name, values in BASE_TO_NEW_AVERAGE.items():
         rows.append((f"{name} average (published)", [*values, ""]))
     return Table("base_to_new", "Base-to-new generalisation (top-1 %, mean ± std over seeds; HM = 2BN/(B+N); "
