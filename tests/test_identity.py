@@ -236,3 +236,15 @@ def test_ckpt_path_last_resumes_with_the_runs_own_settings(interrupted, tmp_path
 def test_ckpt_path_last_without_a_checkpoint_is_named(tmp_path):
     with pytest.raises(ConfigError, match="ckpt_path=last.*nothing to resume"):
         run.train(compose_cfg(tmp_path / "fresh", FAST + STEPS + ["ckpt_path=last"]))
+
+
+def test_wandb_names_and_groups_come_from_the_identity(tmp_path):
+    """One name per configuration and seed, one group per configuration; a new option changes both."""
+    def init(overrides):
+        cfg = compose_cfg(tmp_path / "cfg", FAST + ["logger=wandb", *overrides])
+        return run.make_logger(cfg, run_identity(cfg), "train")._wandb_init
+    base, seed2, new = init([]), init(["seed=2"]), init(["+method.new_option=2"])
+    assert base["job_type"] == "train" and base["name"].startswith("saft_synthetic_seed1_")
+    assert base["group"] == seed2["group"] and base["name"] != seed2["name"]
+    assert new["group"] != base["group"] and new["name"] != base["name"]
+    assert base["name"].endswith(_identity(tmp_path, ["logger=wandb"]).hash)
