@@ -58,6 +58,7 @@ class CLIPClassifier(pl.LightningModule):
             head.requires_grad_(optimizer is not None)
         self.results: Dict[str, Dict[str, float]] = {}
         self._heads: Dict[str, Tuple[tuple, torch.Tensor]] = {}
+        self._columns: Dict[str, Optional[list]] = {}  # eval set -> its classes' columns of the linear head
         self.probe_steps = 0  # LP-FT: optimizer steps of the linear-probe phase (set with the schedule)
         self.zero_shot = False  # True: evaluate with the text head (the reference before training)
 
@@ -84,6 +85,7 @@ class CLIPClassifier(pl.LightningModule):
         self.test_n = nn.ModuleDict({s.name: SumMetric() for s in self.eval_sets})
         self.val_acc = MulticlassAccuracy(len(self.classnames), average="micro")
         self._heads.clear()  # heads belong to the class names and templates they were built from
+        self._columns.clear()
 
     def _text_tensors(self):
         return [t for name, t in self.model.state_dict(keep_vars=True).items() if tower_of(name) == "text"]
@@ -135,9 +137,10 @@ class CLIPClassifier(pl.LightningModule):
         hold 200 of the 1,000: their logits are the head's 200 columns, as in wise-ft); else None."""
         if self.zero_shot or not isinstance(self.head, LinearHead):
             return None
-        if s.classes is not None and list(self.head.classnames) == list(self.classnames):
-            return s.classes
-        return class_positions(self.head.classnames, s.classnames)
+        if s.name not in self._columns:  # asked at every test batch: worked out once per set
+            own = s.classes is not None and list(self.head.classnames) == list(self.classnames)
+            self._columns[s.name] = s.classes if own else class_positions(self.head.classnames, s.classnames)
+        return self._columns[s.name]
 
     def head_kind(self, s) -> str:
         """Which head evaluated an eval set (results.json records it): ``prompt`` (CoOp's), ``linear`` (the probe,
