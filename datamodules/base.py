@@ -366,6 +366,10 @@ class FewShotDataModule(pl.LightningDataModule):
         """The whole training set with evaluation transforms, in a fixed order, this rank's share."""
         return self._loader(self.split["train"][rank::world_size], self.eval_transform, self.eval_batch_size)
 
+    def split_dataloader(self, name: str):
+        """All of one split (``train`` or ``val``) with evaluation transforms, in a fixed order, on every rank."""
+        return self._loader(self.split[name], self.eval_transform, self.eval_batch_size)
+
     def val_dataloader(self):
         return self._loader(self.split["val"], self.eval_transform, self.eval_batch_size, shard=True)
 

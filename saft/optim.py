@@ -4,6 +4,7 @@ Why not torch's AdamW with masked gradients: decoupled weight decay multiplies e
 a gradient, so frozen entries would drift. Here an entry outside the mask is never written, whatever the
 weight decay, and the moment buffers hold k values instead of a dense copy of the model.
 """
+import math
 from typing import Dict, Iterable, Mapping, Optional
 
 import torch
@@ -112,8 +113,15 @@ def _check_indices(name: str, param: torch.Tensor, idx) -> None:
         raise ConfigError(f"mask[{name!r}] {problem}")
 
 
-def warmup_cosine(optimizer, total: int, warmup: int):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at step ``total``."""
+def warmup_cosine(optimizer, total: int, warmup: int, warmup_lr: Optional[float] = None):
+    """A warm-up over ``warmup`` steps, then cosine decay to 0 at step ``total``. The warm-up is linear, or, with
+    ``warmup_lr``, constant at that learning rate (Dassl's ConstantWarmupScheduler, which CoOp uses)."""
+    if warmup_lr is not None and warmup > 0:
+        def cosine(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        factors = [(lambda step, lr=g["lr"]: warmup_lr / lr if step < warmup else cosine(step))
+                   for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
     if warmup == 0:
         return cosine

@@ -87,15 +87,26 @@ def test_eval_of_a_probe_run_reproduces_it_and_wise_ft_ends_are_exact(probe, tmp
     assert half["zeroshot_metrics"] == results["zeroshot_metrics"] and half["wise_alpha"] == 0.5
 
 
-def test_wise_ft_scales_the_probes_change_by_alpha(probe):
+def test_wise_ft_blends_the_probe_with_its_start_the_scaled_zero_shot_head(probe):
+    """wise-ft's recipe: the head interpolates between its zero-shot start (exp(logit_scale) x the class-prompt
+    embeddings, no bias) and the trained head, as the rest of the model does."""
+    import open_clip
     from saft.app.heads import LinearHead
     from safetensors.torch import load_file
     out, _ = probe
     trained = load_file(out / "head.safetensors")
+    model, _, _, tokenizer = load_clip("saft-tiny", None, 0)
+    cfg = compose_cfg(out.parent / "compose", FAST)
+    datamodule = run.build_datamodule(cfg)
+    s = datamodule.eval_sets()[0]
+    zero_shot = open_clip.build_zero_shot_classifier(model, tokenizer, s.classnames, s.templates, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(trained["start"], model.logit_scale.exp() * zero_shot)
     head = LinearHead(TINY_WIDTH, ["x"] * CLASSES)
     run.load_head(head, out / "head.safetensors", 0.25)
-    for name, value in trained.items():
-        assert torch.allclose(getattr(head, name), 0.25 * value, rtol=1e-6, atol=0) and value.abs().sum() > 0
+    assert torch.equal(head.start, trained["start"]) and not torch.equal(trained["weight"], trained["start"])
+    assert torch.allclose(head.weight, trained["start"] + 0.25 * (trained["weight"] - trained["start"]), rtol=1e-6)
+    assert torch.allclose(head.bias, 0.25 * trained["bias"], rtol=1e-6, atol=0) and trained["bias"].abs().sum() > 0
     classnames = run.read_head_file(out / "head.safetensors")["classnames"]  # the run's classes, from the file
     assert len(classnames) == CLASSES and classnames != ["x"] * CLASSES
 
@@ -113,10 +124,11 @@ def test_eval_without_the_head_file_or_with_a_broken_one_is_refused(probe, tmp_p
         _evaluate(tmp_path / "missing", [f"run_dir={copy}"])
 
 
-def test_lp_ft_probe_phase_leaves_clip_unchanged_then_fine_tunes_the_image_tower(tmp_path):
-    """6 steps, lp_fraction 0.5: steps 1-3 move only the head (CLIP bit-exact, no optimizer state for CLIP), steps
+def test_lp_ft_by_gradient_steps_leaves_clip_unchanged_then_fine_tunes_the_image_tower(tmp_path):
+    """method.probe=null, 6 steps, lp_fraction 0.5: steps 1-3 move only the head (CLIP bit-exact, no optimizer state for CLIP), steps
     4-6 the image tower as well."""
-    cfg, results = _train(tmp_path / "run", ["method=lp_ft", "method.head_lr=0.05", "method.optimizer.lr=1e-3"])
+    cfg, results = _train(tmp_path / "run", ["method=lp_ft", "method.probe=null", "method.lp_fraction=0.5",
+                                             "method.head_lr=0.05", "method.optimizer.lr=1e-3"])
     base = run.base_state(cfg)
     n_head = TINY_WIDTH * CLASSES + CLASSES
     heads = []
@@ -134,15 +146,22 @@ def test_lp_ft_probe_phase_leaves_clip_unchanged_then_fine_tunes_the_image_tower
                                                     and "running" not in k and "num_batches" not in k)
 
 
-def test_bitfit_changes_only_bias_vectors(tmp_path):
+def test_bitfit_trains_the_bias_vectors_and_the_classifier(tmp_path):
+    """As the reference (every bias plus the task classifier): the image tower's biases and the linear head move,
+    nothing else; the optimizer holds exactly those tensors."""
     cfg, results = _train(tmp_path / "run", ["method=bitfit", "method.optimizer.lr=0.01"])
     base = run.base_state(cfg)
-    changed = changed_entries(base, _clip(checkpoint(tmp_path / "run")))
-    assert changed and all(re.search(r"bias$", name) for name in changed), sorted(changed)
-    biases = [n for n in base if n.endswith("bias")]
-    assert results["num_trainable"] == sum(base[n].numel() for n in biases)
-    assert len(changed) > len(biases) // 2  # most bias vectors moved, in both towers
-    assert any(n.startswith("visual.") for n in changed) and any(n.startswith("transformer.") for n in changed)
+    ckpt = checkpoint(tmp_path / "run")
+    changed = changed_entries(base, _clip(ckpt))
+    assert changed and all(re.search(r"bias$", name) and name.startswith("visual.") for name in changed), sorted(changed)
+    biases = [n for n in base if n.endswith("bias") and n.startswith("visual.")]
+    n_head = TINY_WIDTH * CLASSES + CLASSES
+    assert results["num_trainable"] == sum(base[n].numel() for n in biases) + n_head and results["num_head"] == n_head
+    assert len(changed) > len(biases) // 2  # most bias vectors moved
+    head = _head(ckpt)
+    assert not torch.equal(head["weight"], head["start"]) and head["bias"].abs().sum() > 0  # the classifier trained
+    state = ckpt["optimizer_states"][0]["state"]
+    assert sum(s["exp_avg"].numel() for s in state.values()) == results["num_trainable"]
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +218,14 @@ def test_coop_prompt_that_cannot_fit_is_refused_before_anything_runs(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["method=linear_probe", "method.towers=[image,text]"], "a list without text when method.head=linear"),
     (["method=full_ft", "+method.lp_fraction=0.5"], "0 unless method.head=linear"),
-    (["method=full_ft", "method.towers=[]"], "a non-empty list when method.train=true and nothing else"),
+    (["method=full_ft_text", "method.towers=[]"], "a non-empty list when method.train=true and nothing else"),
+    (["method=full_ft_text", "+method.probe={_target_:saft.app.probe.ConvexProbe}"], "null unless method.head=linear"),
+    (["method=lp_ft", "method.lp_fraction=0.5"], "0 when method.probe is set"),
+    (["method=coop", "method.n_ctx=4", "method.warmup_lr=null"], "a learning rate when method.warmup=constant"),
     (["method=coop", "method.n_ctx=0"], "method.n_ctx=0 must be a positive integer"),
     (["method=coop", "method.ctx_init=''"], "method.ctx_init='' must be null or words"),
-    (["method=lp_ft", "method.lp_fraction=0.05"], "leaves 0 probe steps and 6 fine-tuning steps"),
-    (["method=lp_ft", "method.lp_fraction=0.95"], "leaves 6 probe steps and 0 fine-tuning steps"),
+    (["method=lp_ft", "method.probe=null", "method.lp_fraction=0.05"], "leaves 0 probe steps and 6 fine-tuning steps"),
+    (["method=lp_ft", "method.probe=null", "method.lp_fraction=0.95"], "leaves 6 probe steps and 0 fine-tuning steps"),
     (["method=bitfit", "method.trainable=['(']"], "method.trainable=['('] must be a list of Python regexes"),
 ])
 def test_baseline_settings_that_cannot_work_are_refused_before_training(tmp_path, overrides, message):
@@ -218,3 +240,105 @@ def test_benchmark_arms_keep_the_probe_and_coop_frozen_and_finish_end_to_end(tmp
         cfg = compose_cfg(tmp_path / arm, ["experiment=fmnist_tradeoff", f"arm={arm}"])
         assert list(cfg.method.towers) == towers and cfg.method.name == arm
     assert compose_cfg(tmp_path / "c", ["experiment=fmnist_tradeoff", "arm=coop"]).method.ctx_init == "a photo of a"
+
+
+# --- each baseline as its reference runs it -----------------------------------------------------------------
+@pytest.mark.parametrize("method, clip", [("coop", None), ("saft", 1.0), ("full_ft", 1.0), ("bitfit", 1.0),
+                                          ("linear_probe", 1.0), ("lp_ft", 1.0)])
+def test_gradient_clipping_is_the_references_coop_is_never_clipped(tmp_path, method, clip):
+    """CoOp and Dassl do not clip; wise-ft (full FT, its probe, LP-FT's fine-tuning) and BitFit clip at norm 1.0."""
+    import hydra
+    cfg = compose_cfg(tmp_path / "run", FAST + [f"method={method}"])
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path))
+    assert trainer.gradient_clip_val == clip
+
+
+def test_coop_trains_on_dassl_augmentation_and_warms_up_at_a_constant_lr(tmp_path):
+    """Random resized crops of scale (0.08, 1) and horizontal flips; the first warm-up steps at 1e-5 exactly."""
+    import torchvision.transforms as T
+    cfg = compose_cfg(tmp_path / "run", FAST + ["method=coop", "method.n_ctx=4", "method.warmup_fraction=0.5"])
+    datamodule, module = run.build(cfg)
+    crops = [t for t in datamodule.train_transform.transforms if isinstance(t, T.RandomResizedCrop)]
+    assert [c.scale for c in crops] == [(0.08, 1.0)]
+    assert any(isinstance(t, T.RandomHorizontalFlip) for t in datamodule.train_transform.transforms)
+    module.trainer = type("T", (), {"estimated_stepping_batches": 6})()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == [1e-5] * 3 and lrs[3] == pytest.approx(2e-3) and lrs[5] < lrs[4] < lrs[3]
+
+
+def test_full_ft_is_the_references_the_image_tower_under_a_zero_shot_initialised_linear_head(tmp_path):
+    """wise-ft's FT: the head starts at exp(logit_scale) x the zero-shot head, trains with the image tower, and
+    WiSE-FT blends both: alpha=0 is zero-shot bit for bit, alpha=1 the run."""
+    out, results = _train_script(tmp_path / "run", ["method=full_ft", "method.optimizer.lr=1e-3"])
+    changed = changed_entries(_base(), _clip(checkpoint(out)))
+    assert changed and all(n.startswith("visual.") for n in changed)
+    head = _head(checkpoint(out))
+    assert not torch.equal(head["weight"], head["start"])
+    assert {m["head"] for m in results["metrics"].values()} == {"linear"}
+    zero = _evaluate(tmp_path / "zero", [f"run_dir={out}", "wise_alpha=0"])
+    one = _evaluate(tmp_path / "one", [f"run_dir={out}", "wise_alpha=1"])
+    assert _scores(zero["metrics"]) == _scores(results["zeroshot_metrics"]) and zero["num_changed"] == 0
+    assert one["metrics"] == results["metrics"] and one["weights_sha256"] == results["weights_sha256"]
+
+
+def test_fitted_probe_is_the_regularised_logistic_regression_at_the_best_validation_c():
+    """The folded-back weights give scikit-learn's own logits; the C kept is the first with the best validation
+    accuracy; and the fit is converged: the L2-regularised objective's gradient is ~0 at the solution."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from saft.app.probe import fit_logistic_regression
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8))
+    train_y, val_y = np.repeat(np.arange(3), 20), np.repeat(np.arange(3), 10)
+    train_x = centres[train_y] + rng.normal(scale=1.5, size=(60, 8)) + 0.3
+    val_x = centres[val_y] + rng.normal(scale=1.5, size=(30, 8)) + 0.3
+    cs = np.logspace(-4, 2, 7)
+    weight, bias, c = fit_logistic_regression(train_x, train_y, val_x, val_y, cs, max_iter=1000, seed=0)
+    mean, std = train_x.mean(), train_x.std()
+    accuracy = {}
+    for value in cs:
+        clf = LogisticRegression(C=value, max_iter=1000, tol=1e-10).fit((train_x - mean) / std, train_y)
+        accuracy[value] = np.mean(clf.predict((val_x - mean) / std) == val_y)
+    assert c == next(v for v in cs if accuracy[v] == max(accuracy.values()))
+    assert len(set(accuracy.values())) > 1  # the choice of C matters here
+    exact = LogisticRegression(C=c, max_iter=1000, tol=1e-10).fit((train_x - mean) / std, train_y)
+    # scikit-learn stops L-BFGS at its default tol=1e-4 (the reference's), warm-started from the previous C: the
+    # logits agree with a fit to tol=1e-10 within 5e-3 (they are O(1)).
+    np.testing.assert_allclose(val_x @ weight + bias, exact.decision_function((val_x - mean) / std), atol=5e-3)
+    # Convergence: d/dW [C * sum CE + |W|^2 / 2] = 0 on the standardised features.
+    z = (train_x - mean) / std
+    w = weight.T * std
+    logits = z @ w.T + bias + w.sum(axis=1) * mean / std
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad = c * (p - np.eye(3)[train_y]).T @ z + w
+    assert np.abs(grad).max() < 1e-2 * np.abs(w).max()
+
+
+def test_lp_ft_starts_fine_tuning_from_the_probe_fitted_on_the_frozen_features(tmp_path):
+    """After one fine-tuning step at a negligible lr, the head is the probe fitted on the training split's frozen
+    features (computed here from split.json and the base model), C chosen on the validation split."""
+    import json
+    import numpy as np
+    from saft.app.probe import _features, fit_logistic_regression
+    overrides = ["method=lp_ft", "method.optimizer.lr=1e-30", "trainer.max_steps=1", "method.probe.c_count=5",
+                 "method.probe.c_low=-3", "method.probe.c_high=1"]
+    cfg, results = _train(tmp_path / "run", overrides)
+    head = _head(checkpoint(tmp_path / "run"))
+    datamodule, module = run.build(cfg)
+    datamodule._split = {k: [tuple(i) for i in v] for k, v in json.loads((tmp_path / "run" / "split.json").read_text()).items()}
+    with torch.no_grad():
+        train_x, train_y = _features(module, datamodule.split_dataloader("train"))
+        val_x, val_y = _features(module, datamodule.split_dataloader("val"))
+    weight, bias, c = fit_logistic_regression(train_x, train_y, val_x, val_y, np.logspace(-3, 1, 5), 200, cfg.seed)
+    torch.testing.assert_close(head["weight"], torch.as_tensor(weight, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head["bias"], torch.as_tensor(bias, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(head["weight"], head["start"])
+    base, tuned = run.base_state(cfg), _clip(checkpoint(tmp_path / "run"))
+    assert max((tuned[k] - base[k]).abs().max().item() for k in base if base[k].is_floating_point()) < 1e-20

@@ -81,7 +81,7 @@ def _check_trainer(cfg, tmp_path, option):
     else:
         assert not isinstance(trainer.precision_plugin, MixedPrecision) and trainer.precision == "32-true"
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # kill-safe checkpoint files
-    assert trainer.gradient_clip_val == 1.0 and trainer.gradient_clip_algorithm == "norm"
+    assert trainer.gradient_clip_val == 1.0 and trainer.gradient_clip_algorithm == "norm"  # SAFT's
 
 
 def _check_logger(cfg, tmp_path, option):
@@ -200,20 +200,36 @@ def baseline(tmp_path_factory):
     return compose_cfg(tmp_path_factory.mktemp("saft"), ["experiment=fmnist_tradeoff", "arm=saft"])
 
 
-@pytest.mark.parametrize("arm", ARMS)
+def _swept_arms(experiment: str):
+    return OmegaConf.load(Path(CONF) / "experiment" / f"{experiment}.yaml").hydra.sweeper.params.arm.split(",")
+
+
+TRADEOFF_ARMS = _swept_arms("fmnist_tradeoff")
+
+
+def test_every_arm_is_swept_by_an_experiment():
+    assert set(ARMS) == set(TRADEOFF_ARMS) | set(_swept_arms("imagenet_dg"))
+
+
+def _without_clipping(cfg):
+    """The config outside the method, its budget and the gradient clipping (which each method's reference decides)."""
+    trainer = {k: v for k, v in cfg.trainer.items() if k != "gradient_clip_val"}
+    return {**{k: v for k, v in cfg.items() if k not in ("method", "sparsity", "hydra")}, "trainer": trainer}
+
+
+@pytest.mark.parametrize("arm", TRADEOFF_ARMS)
 def test_every_arm_sets_its_method_and_keeps_the_experiment_settings(tmp_path, baseline, arm):
     cfg = compose_cfg(tmp_path, ["experiment=fmnist_tradeoff", f"arm={arm}"])
     # Everything but the method and its budget is the experiment's, the same in every arm.
-    assert {k: v for k, v in cfg.items() if k not in ("method", "sparsity", "hydra")} == \
-        {k: v for k, v in baseline.items() if k not in ("method", "sparsity", "hydra")}
-    # The probe and CoOp train no CLIP weight, whatever towers the experiment fine-tunes.
-    frozen = cfg.method.get("head") in ("linear", "prompt") and not cfg.method.get("lp_fraction")
-    assert list(cfg.method.towers) == ([] if frozen else list(baseline.method.towers))
+    assert _without_clipping(cfg) == _without_clipping(baseline)
+    assert cfg.trainer.gradient_clip_val == cfg.method.gradient_clip_val
+    # The probe and CoOp train no CLIP weight; FLYP trains the text tower too (its loss is contrastive).
+    towers = {"linear_probe": [], "coop": [], "flyp": ["image", "text"]}.get(arm, list(baseline.method.towers))
+    assert list(cfg.method.towers) == towers
     assert (cfg.method.schedule, cfg.method.warmup_fraction) == (baseline.method.schedule,
                                                                  baseline.method.warmup_fraction)
-    assert set(cfg.hydra.sweeper.params.arm.split(",")) == set(ARMS)  # the sweep runs every arm
     optimizer = _optimizer(cfg.method)
-    if arm in ("full_ft", "linear_probe", "lp_ft", "bitfit", "coop"):
+    if arm in ("full_ft", "full_ft_text", "linear_probe", "lp_ft", "bitfit", "coop", "flyp"):
         assert cfg.method.name == arm and not cfg.method.get("mask") and not isinstance(optimizer, MaskedAdamW)
         return
     callback = hydra.utils.instantiate(cfg.method.mask)

@@ -47,12 +47,12 @@ def test_a_linear_head_takes_the_columns_of_imagenet_a_and_r(imagenet, tmp_path)
     for name, columns in (("imagenet_a", [2, 3]), ("imagenet_r", [1, 2]), ("imagenet", [0, 1, 2, 3])):
         index, s = sets[name]
         assert s.classes == columns
-        weight, bias = module.eval_head(index)
-        zero_shot = module._zero_shot_head(index)
-        assert torch.equal(weight, zero_shot + module.head.weight[:, columns]) and torch.equal(bias, module.head.bias[columns])
+        text, change, bias = module.eval_head(index)
+        assert torch.equal(text, module._zero_shot_head(index))  # the set's own zero-shot head, plus the columns
+        assert torch.equal(change, module.head.change()[:, columns]) and torch.equal(bias, module.head.bias[columns])
         assert module.head_kind(s) == "linear"
     with module.text_head_only():
-        assert module.eval_head(sets["imagenet_a"][0])[1] is None and module.head_kind(sets["imagenet_a"][1]) == "text"
+        assert module.eval_head(sets["imagenet_a"][0]).change is None and module.head_kind(sets["imagenet_a"][1]) == "text"
 
 
 def test_probe_results_name_the_head_of_every_set_and_eval_reproduces_them(imagenet, tmp_path):
@@ -100,13 +100,12 @@ def test_a_masked_method_with_a_linear_head_trains_the_head(tmp_path):
 
 
 @pytest.mark.parametrize("method, wd, expected", [("linear_probe", 0.5, 0.5), ("linear_probe", 0.0, 0.0),
-                                                  ("lp_ft", 0.1, 0.0)])
+                                                  ("lp_ft", 0.3, 0.3), ("full_ft", 0.2, 0.2)])
 def test_the_linear_heads_weight_decay_is_the_configured_one(tmp_path, method, wd, expected):
-    """The probe's head decays as its optimizer is configured (WiSE-FT's probe uses 0.1); LP-FT keeps its head
-    undecayed unless method.head_weight_decay says otherwise."""
+    """The head decays as its optimizer is configured (wise-ft decays every parameter, the head included), unless
+    method.head_weight_decay says otherwise."""
     def head_group(overrides):
-        cfg = compose_cfg(tmp_path / "run", FAST + [f"method={method}", "method.schedule=constant",
-                                                    "++method.lp_fraction=0", *overrides])
+        cfg = compose_cfg(tmp_path / "run", FAST + [f"method={method}", "method.schedule=constant", *overrides])
         optimizer = run.build(cfg)[1].configure_optimizers()
         (group,) = [g for g in optimizer.param_groups if g.get("head")]
         return group

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import open_clip
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from saft.app import CONF_DIR
 from saft.errors import ConfigError
@@ -43,6 +44,17 @@ def load_clip(name: str, pretrained: Optional[str] = None, init_seed: int = 0,
                               f"{str(e).splitlines()[0][:300]}. The file is truncated, corrupt, not a CLIP "
                               f"state dict, or made for another architecture") from None
     return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
+
+
+def augmented_transform(model, scale: Sequence[float], hflip: bool):
+    """open_clip's training transform with another crop scale, and a horizontal flip after the crop when asked
+    (CoOp's Dassl: random resized crops of scale (0.08, 1) and flips), at the model's size and normalisation."""
+    cfg = model.visual.preprocess_cfg
+    transform = open_clip.image_transform(cfg["size"], is_train=True, mean=cfg["mean"], std=cfg["std"],
+                                          interpolation=cfg["interpolation"], aug_cfg={"scale": tuple(scale)})
+    if hflip:
+        transform.transforms.insert(1, torchvision.transforms.RandomHorizontalFlip())
+    return transform
 
 
 def tokenize_prompts(tokenizer, classnames: Sequence[str], templates: Sequence) -> torch.Tensor:

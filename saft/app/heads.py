@@ -14,19 +14,34 @@ from saft.errors import ConfigError
 
 
 class LinearHead(nn.Module):
-    """A linear classifier on the normalised image features, initialised from the zero-shot text head.
+    """The robust fine-tuning papers' classifier (wise-ft's ``ClassificationHead``): logits = image features @
+    ``weight`` + ``bias`` on the normalised features, ``weight`` ([embed_dim, classes]) starting at exp(logit_scale) x
+    the zero-shot text head and ``bias`` at zero. So its gradients, its learning rate and its weight decay (towards
+    zero) are the references'.
 
-    It is stored as the change from that text head: ``weight`` ([embed_dim, classes], the text head's layout) and
-    ``bias`` start at zero, and the classifier is ``(text_head + weight, bias)``. Training it is the same as
-    training a head initialised at the text head (the gradients are equal), step 0 is the zero-shot model
-    bit for bit, and WiSE-FT scales the change (alpha=0 is the zero-shot head exactly). On an eval set whose classes
-    are some of its own it takes their columns; other sets keep the text head (saft.app.module)."""
+    ``start`` keeps the weight it started from. The module computes the logits as the zero-shot logits plus
+    ``features @ (weight - start) + bias``: equal to the references' up to rounding, and exactly the zero-shot model at
+    the start (``weight - start`` is then 0 bit for bit), and so at WiSE-FT's alpha=0 (alpha blends ``start`` and
+    ``weight``). On an eval set whose classes are some of its own it takes their columns; other sets keep the text
+    head (saft.app.module)."""
 
     def __init__(self, embed_dim: int, classnames: Sequence[str]):
         super().__init__()
         self.classnames = list(classnames)
         self.weight = nn.Parameter(torch.zeros(embed_dim, len(classnames)))
         self.bias = nn.Parameter(torch.zeros(len(classnames)))
+        self.register_buffer("start", torch.zeros(embed_dim, len(classnames)))
+
+    @torch.no_grad()
+    def initialise(self, start: torch.Tensor) -> None:
+        """Start at ``start`` (the scaled zero-shot head of the training classes), with no bias."""
+        self.start.copy_(start)
+        self.weight.copy_(start)
+        self.bias.zero_()
+
+    def change(self) -> torch.Tensor:
+        """``weight - start``: what training added to the zero-shot head, in logits per unit of feature."""
+        return self.weight - self.start
 
 
 class PromptHead(nn.Module):

@@ -1,7 +1,7 @@
 """The LightningModule: an open_clip model classifying images with a text head, and its evaluation."""
 import math
 from contextlib import contextmanager
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import re
 
@@ -19,6 +19,14 @@ from datamodules.base import class_positions
 from saft.errors import ConfigError
 from saft.mask import tower_of
 from saft.optim import warmup_cosine
+
+
+class Head(NamedTuple):
+    """A classifier over image features: logits = exp(logit_scale) * features @ text (+ features @ change) (+ bias).
+    ``text`` is a [embed_dim, classes] head of class-text embeddings; ``change`` and ``bias`` are a linear head's."""
+    text: torch.Tensor
+    change: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
 
 
 class CLIPClassifier(pl.LightningModule):
@@ -44,11 +52,14 @@ class CLIPClassifier(pl.LightningModule):
                  towers: Sequence[str] = ("image", "text"), warmup_fraction: float = 0.1, schedule: str = "cosine",
                  identity: Optional[dict] = None, head: Optional[nn.Module] = None,
                  trainable: Sequence[str] = (), lp_fraction: float = 0.0, head_lr: Optional[float] = None,
-                 head_weight_decay: Optional[float] = None):
+                 head_weight_decay: Optional[float] = None, probe=None, warmup_lr: Optional[float] = None,
+                 decay_exclusions: str = "open_clip"):
         super().__init__()
         self.model, self.tokenizer, self.optimizer_factory = model, tokenizer, optimizer
         self.warmup_fraction, self.schedule, self.identity = warmup_fraction, schedule, identity
         self.head, self.lp_fraction, self.head_lr, self.head_weight_decay = head, lp_fraction, head_lr, head_weight_decay
+        self.probe = probe  # fits the linear head before training (LP-FT: saft.app.probe.ConvexProbe)
+        self.warmup_lr, self.decay_exclusions = warmup_lr, decay_exclusions
         self.restore_from: Optional[str] = None  # the checkpoint fit is asked to resume from; no other may load
         # Decided here, before any DDP wrap: DDP fixes the set of parameters that need gradients.
         for name, p in self.model.named_parameters():
@@ -105,32 +116,32 @@ class CLIPClassifier(pl.LightningModule):
                 self._heads[key] = (state, build())
         return self._heads[key][1]
 
-    def train_head(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(weight [embed_dim, classes], bias or None) of the training classes."""
+    def train_head(self) -> Head:
+        """The head of the training classes."""
         if isinstance(self.head, PromptHead):
             build = lambda: self.head(self.model, self.classnames)  # noqa: E731
-            return (build() if torch.is_grad_enabled() else self._cached_head("train", build)), None
-        if isinstance(self.head, LinearHead):  # the ID set's zero-shot head plus the probe's change
-            return self._zero_shot_head(0) + self.head.weight, self.head.bias
+            return Head(build() if torch.is_grad_enabled() else self._cached_head("train", build))
+        if isinstance(self.head, LinearHead):  # the ID set's zero-shot head plus the linear head's change
+            return Head(self._zero_shot_head(0), self.head.change(), self.head.bias)
         build = lambda: text_head(self.model, self.train_tokens.to(self.device), len(self.classnames))  # noqa: E731
-        return (build() if self.text_trains and torch.is_grad_enabled() else self._cached_head("train", build)), None
+        return Head(build() if self.text_trains and torch.is_grad_enabled() else self._cached_head("train", build))
 
     def _zero_shot_head(self, index: int) -> torch.Tensor:
         s = self.eval_sets[index]
         return self._cached_head(f"eval/{s.name}", lambda: open_clip.build_zero_shot_classifier(
             self.model, self.tokenizer, s.classnames, s.templates, device=self.device))
 
-    def eval_head(self, index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The set's zero-shot head, or what the method's head makes of it. The linear probe's change is added
-        to each set's own zero-shot head (one head when the sets share templates, as ImageNet's variants do),
-        so that a probe of zero change, and WiSE-FT at alpha=0, is the zero-shot model on every set."""
+    def eval_head(self, index: int) -> Head:
+        """The set's zero-shot head, or what the method's head makes of it. The linear head's change is added
+        to each set's own zero-shot logits (one head when the sets share templates, as ImageNet's variants do),
+        so that a head of zero change, and WiSE-FT at alpha=0, is the zero-shot model on every set."""
         s = self.eval_sets[index]
         if not self.zero_shot and isinstance(self.head, PromptHead):
-            return self._cached_head(f"prompt/{s.name}", lambda: self.head(self.model, s.classnames)), None
+            return Head(self._cached_head(f"prompt/{s.name}", lambda: self.head(self.model, s.classnames)))
         columns = self._linear_columns(s)
         if columns is not None:
-            return self._zero_shot_head(index) + self.head.weight[:, columns], self.head.bias[columns]
-        return self._zero_shot_head(index), None
+            return Head(self._zero_shot_head(index), self.head.change()[:, columns], self.head.bias[columns])
+        return Head(self._zero_shot_head(index))
 
     def _linear_columns(self, s) -> Optional[list]:
         """Where an eval set's classes sit among the linear head's, when the head knows them all (ImageNet-A and -R
@@ -155,11 +166,22 @@ class CLIPClassifier(pl.LightningModule):
                 m.eval()
 
     # --- forward and loss --------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, head: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
-        weight, bias = head
+    def forward(self, images: torch.Tensor, head: Head) -> torch.Tensor:
         features = self.model.encode_image(images, normalize=True)
-        logits = self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * features @ weight.to(features.dtype)
-        return logits if bias is None else logits + bias.to(logits.dtype)
+        logits = self.logit_scale() * features @ head.text.to(features.dtype)
+        if head.change is not None:
+            logits = logits + features @ head.change.to(features.dtype)
+        return logits if head.bias is None else logits + head.bias.to(logits.dtype)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def on_fit_start(self) -> None:
+        # A fresh linear head starts as the references' does; a resumed one keeps what its checkpoint restored.
+        if isinstance(self.head, LinearHead) and self.restore_from is None:
+            self.head.initialise(self.logit_scale().detach() * self._zero_shot_head(0))
+            if self.probe is not None:
+                self.probe.fit(self)
 
     def loss(self, batch, reduction: str = "mean") -> torch.Tensor:
         images, labels = batch
@@ -228,9 +250,9 @@ class CLIPClassifier(pl.LightningModule):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                # As open_clip's trainer: no weight decay on gains, biases and the logit scale.
-                (no_decay if p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
-                 else decay).append(p)
+                # open_clip's trainer: no weight decay on gains, biases and the logit scale; wise-ft decays all.
+                exempt = p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
+                (no_decay if exempt and self.decay_exclusions == "open_clip" else decay).append(p)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.head is not None:  # dense: a masked optimizer trains the whole head beside the masked model
             decay_head = {} if self.head_weight_decay is None else {"weight_decay": self.head_weight_decay}
@@ -242,7 +264,7 @@ class CLIPClassifier(pl.LightningModule):
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(self.warmup_fraction * total))
-        scheduler = warmup_cosine(optimizer, total, warmup)
+        scheduler = warmup_cosine(optimizer, total, warmup, self.warmup_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _probe_then_tune(self, optimizer, total: int):

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saft.app import CONF_DIR
 from saft.atomic import atomic_path
-from saft.app.clip import load_clip
+from saft.app.clip import augmented_transform, load_clip
 from saft.delta import (apply_delta, compute_delta, interpolate_delta, load_delta, num_changed, save_delta,
                         state_checksum)
 from saft.app.heads import PromptHead, build_head
@@ -97,19 +97,26 @@ def build(cfg: DictConfig, identity: Optional[Identity] = None, head_classnames:
     ``head_classnames``: the classes of a trained linear head being evaluated (its own, whatever data is evaluated)."""
     datamodule = build_datamodule(cfg)
     model, train_tf, eval_tf, tokenizer = load_clip(**resolve_pretrained(cfg.model))
-    datamodule.set_transforms(train_tf, eval_tf)
     method = cfg.method
+    if method.get("augment"):
+        train_tf = augmented_transform(model, **method.augment)
+    datamodule.set_transforms(train_tf, eval_tf)
     optimizer = hydra.utils.instantiate(method.optimizer) if method.train else None
     head = build_head(method, model, tokenizer, head_classnames or datamodule.classnames(),
                       open_clip.get_model_config(cfg.model.name)["embed_dim"])
     if isinstance(head, PromptHead):  # every prompt must fit the text context: known now, not at the final test
         for names in [datamodule.classnames()] + [s.classnames for s in datamodule.eval_sets()]:
             head.tokens(names)
-    module = CLIPClassifier(model, tokenizer, optimizer, towers=list(method.towers),
+    # A method whose training differs in more than its settings names its LightningModule (FLYP's contrastive loss).
+    module_class = hydra.utils.get_class(method.module) if method.get("module") else CLIPClassifier
+    module = module_class(model, tokenizer, optimizer, towers=list(method.towers),
                             warmup_fraction=method.warmup_fraction, schedule=method.schedule,
                             identity=(identity or run_identity(cfg)).settings, head=head,
                             trainable=list(method.get("trainable") or []), lp_fraction=method.get("lp_fraction", 0.0),
-                            head_lr=method.get("head_lr"), head_weight_decay=method.get("head_weight_decay"))
+                            head_lr=method.get("head_lr"), head_weight_decay=method.get("head_weight_decay"),
+                            probe=hydra.utils.instantiate(method.probe) if method.get("probe") else None,
+                            warmup_lr=method.get("warmup_lr") if method.get("warmup") == "constant" else None,
+                            decay_exclusions=method.get("decay_exclusions", "open_clip"))
     return datamodule, module
 
 
@@ -336,11 +343,13 @@ def head_classnames(cfg: DictConfig, run_dir: Path) -> Optional[List[str]]:
 
 
 def load_head(head: torch.nn.Module, path: Path, alpha=None) -> None:
-    """A run's trained head; WiSE-FT scales the linear probe's change from the zero-shot head by ``alpha``."""
+    """A run's trained head; WiSE-FT blends a linear head with its start (the scaled zero-shot head, no bias) by
+    ``alpha``, as it blends the rest of the model."""
     tensors = read_head_file(path)["tensors"]
-    if alpha is not None:
-        tensors = {k: torch.lerp(torch.zeros_like(v), v, alpha) for k, v in tensors.items()}
     try:
+        if alpha is not None:
+            tensors = {**tensors, "weight": torch.lerp(tensors["start"], tensors["weight"], alpha),
+                       "bias": torch.lerp(torch.zeros_like(tensors["bias"]), tensors["bias"], alpha)}
         head.load_state_dict(tensors)
     except Exception as e:
         raise ConfigError(f"{path} does not hold this method's head ({str(e).splitlines()[0][:200]}); the file is "

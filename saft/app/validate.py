@@ -27,6 +27,7 @@ from datamodules.imagenet import VARIANTS
 from datamodules.templates import IMAGENET_EVAL
 from saft.app import CONF_DIR
 from saft.app.guards import check_multirun_strategy
+from saft.app.pretrain import RECIPE_VERSION
 from saft.app.results import RESULTS
 from saft.callback import SELECTIONS
 from saft.errors import ConfigError
@@ -218,6 +219,20 @@ RULES = TOP + (
     Rule("method.optimizer.betas", pair_in("[0, 1)"), "[0.9,0.999]"),
     Rule("method.optimizer.eps", number("> 0"), "1e-8"),
     Rule("method.optimizer.momentum", number(">= 0"), "0.9"),
+    Rule("method.module", importable, "saft.app.flyp.FLYPClassifier"),
+    Rule("method.gradient_clip_val", either(NULL, number(">= 0")), "1.0"),
+    Rule("method.decay_exclusions", choice("open_clip", "none"), "open_clip"),
+    Rule("method.warmup", choice("linear", "constant"), "linear"),
+    Rule("method.warmup_lr", either(NULL, number("> 0")), "1e-5"),
+    Rule("method.augment", either(NULL, DICT), "{scale:[0.08,1.0],hflip:true}"),
+    Rule("method.augment.scale", pair_in("(0, 1]"), "[0.08,1.0]"),
+    Rule("method.augment.hflip", BOOL, "true"),
+    Rule("method.probe", either(NULL, DICT), "null"),
+    Rule("method.probe._target_", importable, "saft.app.probe.ConvexProbe"),
+    Rule("method.probe.c_low", number("> -100"), "-7"),
+    Rule("method.probe.c_high", number("> -100"), "2"),
+    Rule("method.probe.c_count", integer(1), "50"),
+    Rule("method.probe.max_iter", integer(1), "200"),
     Rule("method.head", choice("text", "linear", "prompt"), "linear"),
     Rule("method.trainable", regexes, "[bias$]"),
     Rule("method.lp_fraction", number("[0, 1)"), "0.5"),
@@ -254,6 +269,7 @@ RULES = TOP + (
     Rule("model.pretrain.data_dir", STRING, "data"),
     Rule("model.pretrain.train_size", integer(1), "50000"),
     Rule("model.pretrain.download", BOOL, "false"),
+    Rule("model.pretrain.version", choice(RECIPE_VERSION), str(RECIPE_VERSION)),
     Rule("dataset.name", STRING, "synthetic"),
     Rule("dataset.datamodule._target_", importable, "datamodules.synthetic.SyntheticDataModule"),
     *(Rule(f"dataset.datamodule.{key}", integer(1), example) for key, example in (
@@ -355,6 +371,14 @@ def _cross_checks(cfg: DictConfig) -> None:
     if head == "linear" and "text" in method["towers"]:
         _fail("method.towers", method["towers"], "a list without text when method.head=linear (a linear head "
               "replaces the text head, so the text tower would get no gradient)", "[image]")
+    if method.get("probe") and head != "linear":
+        _fail("method.probe", "set", "null unless method.head=linear (the probe fits a linear head)", "null")
+    if method.get("probe") and method.get("lp_fraction"):
+        _fail("method.lp_fraction", method["lp_fraction"], "0 when method.probe is set (the head is fitted before "
+              "training, so every step fine-tunes; lp_fraction is the gradient-step probe's share, method.probe=null)",
+              "0")
+    if method.get("warmup") == "constant" and method.get("warmup_lr") is None:
+        _fail("method.warmup_lr", None, "a learning rate when method.warmup=constant", "1e-5")
     if method.get("lp_fraction") and (head != "linear" or method.get("head_lr") is None):
         _fail("method.lp_fraction", method["lp_fraction"], "0 unless method.head=linear and method.head_lr is set "
               "(the probe phase trains a linear head)", "0")
