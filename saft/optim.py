@@ -117,11 +117,12 @@ def warmup_cosine(optimizer, total: int, warmup: int, warmup_lr: Optional[float]
     """A warm-up over ``warmup`` steps, then cosine decay to 0 at step ``total``. The warm-up is linear, or, with
     ``warmup_lr``, constant at that learning rate (Dassl's ConstantWarmupScheduler, which CoOp uses)."""
     if warmup_lr is not None and warmup > 0:
-        def cosine(step: int) -> float:
+        def factor(step: int, lr: float) -> float:
+            if step < warmup:
+                return warmup_lr / lr
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-        factors = [(lambda step, lr=g["lr"]: warmup_lr / lr if step < warmup else cosine(step))
-                   for g in optimizer.param_groups]
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [(lambda step, lr=g["lr"]: factor(step, lr))
+                                                             for g in optimizer.param_groups])
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
     if warmup == 0:
         return cosine

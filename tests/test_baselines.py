@@ -324,15 +324,14 @@ def test_fitted_probe_is_the_regularised_logistic_regression_at_the_best_validat
 def test_lp_ft_starts_fine_tuning_from_the_probe_fitted_on_the_frozen_features(tmp_path):
     """After one fine-tuning step at a negligible lr, the head is the probe fitted on the training split's frozen
     features (computed here from split.json and the base model), C chosen on the validation split."""
-    import json
     import numpy as np
     from saft.app.probe import _features, fit_logistic_regression
     overrides = ["method=lp_ft", "method.optimizer.lr=1e-30", "trainer.max_steps=1", "method.probe.c_count=5",
                  "method.probe.c_low=-3", "method.probe.c_high=1"]
     cfg, results = _train(tmp_path / "run", overrides)
     head = _head(checkpoint(tmp_path / "run"))
-    datamodule, module = run.build(cfg)
-    datamodule._split = {k: [tuple(i) for i in v] for k, v in json.loads((tmp_path / "run" / "split.json").read_text()).items()}
+    again = compose_cfg(tmp_path / "features", FAST + STEPS + overrides + [f"split_file={tmp_path / 'run' / 'split.json'}"])
+    datamodule, module = run.build(again)
     with torch.no_grad():
         train_x, train_y = _features(module, datamodule.split_dataloader("train"))
         val_x, val_y = _features(module, datamodule.split_dataloader("val"))

@@ -8,7 +8,7 @@ from datamodules.base import EpochSeededSampler, few_shot
 from datamodules.synthetic import SHAPES, STYLES, SyntheticDataModule, render
 from saft.app.clip import load_clip, text_head, tokenize_prompts
 from saft.errors import ConfigError
-from saft.app.module import CLIPClassifier
+from saft.app.module import CLIPClassifier, Head
 
 
 def test_images_are_a_function_of_their_key():
@@ -98,7 +98,7 @@ def test_logits_use_a_clamped_scale(tiny):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)  # exp(10) would be ~22026
-        logits = module(images, (head, None))  # (weight, bias): the text head has no bias
+        logits = module(images, Head(head))  # the text head alone: no linear change, no bias
         features = model.encode_image(images, normalize=True)
     torch.testing.assert_close(logits, 100.0 * features @ head)
     assert model.logit_scale.item() == 10.0  # the parameter itself is not rewritten

@@ -81,17 +81,17 @@ def test_eval_without_run_dir_is_zero_shot(trained, tmp_path):
 
 
 def test_multirun_over_methods_with_max_epochs_and_wandb_offline(tmp_path):
-    run_script("train.py", ["-m", "method=full_ft,random_mask,zeroshot", "shots=4", "trainer.max_epochs=2",
+    run_script("train.py", ["-m", "method=full_ft_text,random_mask,zeroshot", "shots=4", "trainer.max_epochs=2",
                             "logger=wandb", f"hydra.sweep.dir={tmp_path}", *QUICK],
                env={"WANDB_MODE": "offline"})
     runs = {read_results(p.parent)["method"]: p.parent for p in tmp_path.glob("*/results.json")}
-    assert set(runs) == {"full_ft", "random_mask", "zeroshot"}
-    assert checkpoint(runs["full_ft"])["global_step"] == 2  # 24 images, batch 32: one step per epoch
+    assert set(runs) == {"full_ft_text", "random_mask", "zeroshot"}
+    assert checkpoint(runs["full_ft_text"])["global_step"] == 2  # 24 images, batch 32: one step per epoch
     wandb_runs = [list((d / "wandb").glob("offline-run-*")) for d in runs.values()]
     assert all(len(w) == 1 for w in wandb_runs)  # one wandb run per job
     assert len({w[0].name for w in wandb_runs}) == 3
     assert (runs["random_mask"] / "mask_blocks.png").is_file()  # logged to wandb for masked runs
-    full, rnd = read_results(runs["full_ft"]), read_results(runs["random_mask"])
+    full, rnd = read_results(runs["full_ft_text"]), read_results(runs["random_mask"])
     assert full["num_changed"] > 100 * rnd["num_trainable"] >= 100 * rnd["num_changed"]
 
 

@@ -43,7 +43,7 @@ def test_base_to_new_with_a_head_of_its_own_keeps_new_classes_on_the_text_head(d
     CoOp's learned prompt takes any class name (its new-class head: test_baselines.py runs the same code)."""
     cfg = compose_cfg(tmp_path, ["experiment=base2new", *TINY, f"data_dir={data}", f"method={method}",
                                  "++method.n_ctx=4", "eval_zeroshot=true", "method.optimizer.lr=0.5"])
-    assert "linear_probe,lp_ft,bitfit,coop" in cfg.hydra.sweeper.params.method  # the table's baselines
+    assert "linear_probe,lp_ft,bitfit,coop_reference,flyp" in cfg.hydra.sweeper.params.arm  # the table's baselines
     results = run.train(cfg)
     assert results["id"] == "base" and results["ood"] == ["new"] and (tmp_path / "head.safetensors").is_file()
     if method == "linear_probe":

@@ -25,8 +25,12 @@ from saft.errors import ConfigError
 STEPS = ["trainer.max_steps=9", "checkpoint.every_n_train_steps=1", "checkpoint.save_top_k=-1"]
 METHODS = {"saft": ["sparsity=0.01", "method.optimizer.lr=0.01"],
            "full_ft": ["method=full_ft", "method.optimizer.lr=1e-4"],
+           "full_ft_text": ["method=full_ft_text", "method.optimizer.lr=1e-4"],
+           # the probe fitted before step 1 (5 values of C), then 9 fine-tuning steps
+           "lp_ft": ["method=lp_ft", "method.optimizer.lr=1e-3", "method.probe.c_count=5"],
            # 9 steps: the probe phase is steps 1-4 (round(0.5 * 9) = 4), fine-tuning 5-9
-           "lp_ft": ["method=lp_ft", "method.optimizer.lr=1e-3", "method.head_lr=0.05"],
+           "lp_ft_steps": ["method=lp_ft", "method.probe=null", "method.lp_fraction=0.5", "method.optimizer.lr=1e-3",
+                           "method.head_lr=0.05"],
            "coop": ["method=coop", "method.n_ctx=4", "method.optimizer.lr=0.5"]}
 
 
@@ -125,9 +129,11 @@ def test_resume_inside_epoch_0_finishes_identically(reference, tmp_path, monkeyp
         _assert_finishes_identically(ref, out)
 
 
-@pytest.mark.parametrize("method, step", [("lp_ft", 2), ("lp_ft", 4), ("lp_ft", 6), ("coop", 4)])
+@pytest.mark.parametrize("method, step", [("lp_ft", 4), ("lp_ft_steps", 2), ("lp_ft_steps", 4), ("lp_ft_steps", 6),
+                                          ("coop", 4)])
 def test_baselines_resume_in_any_phase_and_finish_identically(reference, tmp_path, method, step):
-    """LP-FT from inside its probe phase, from its last probe step and from inside fine-tuning; CoOp mid-run."""
+    """LP-FT keeps its checkpoint's head (its probe is not fitted again); LP-FT by gradient steps from inside its
+    probe phase, from its last probe step and from inside fine-tuning; CoOp mid-run."""
     out = tmp_path / "resumed"
     _train(out, METHODS[method] + [f"ckpt_path={_step(reference(method), step)}"])
     _assert_finishes_identically(reference(method), out)
@@ -145,7 +151,7 @@ def test_resume_mid_epoch_or_at_an_epoch_end_finishes_identically(reference, tmp
     _assert_finishes_identically(ref, out)
 
 
-@pytest.mark.parametrize("method", ["saft", "full_ft"])
+@pytest.mark.parametrize("method", ["saft", "full_ft_text"])
 def test_requeue_after_max_steps_reports_the_trained_model(tmp_path, method):
     """A run killed during its final test has last.ckpt at max_steps; the same command again trains nothing and
     must test the trained weights, not heads cached from the zero-shot test of the base model. Only the text
@@ -188,8 +194,9 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(refere
     assert not (tmp_path / "b" / "split.json").exists() and not (tmp_path / "b" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("method, change, named", [("lp_ft", "method.lp_fraction=0.25", "lp_fraction"),
-                                                   ("lp_ft", "method.head_lr=0.01", "head_lr"),
+@pytest.mark.parametrize("method, change, named", [("lp_ft_steps", "method.lp_fraction=0.25", "lp_fraction"),
+                                                   ("lp_ft_steps", "method.head_lr=0.01", "head_lr"),
+                                                   ("lp_ft", "method.probe.c_count=6", "c_count"),
                                                    ("coop", "method.n_ctx=3", "n_ctx")])
 def test_resume_of_a_baseline_with_its_own_settings_changed_is_refused(reference, tmp_path, method, change, named):
     with pytest.raises(ConfigError, match=rf"was trained with .*{named}.*resume with the run's own config"):

@@ -90,7 +90,7 @@ def test_eligibility_patterns_restrict_the_mask(tmp_path):
 
 
 def test_full_ft_changes_far_more_and_zeroshot_nothing(tmp_path):
-    _, ft = _train(tmp_path, "ft", ["method=full_ft", "method.optimizer.lr=1e-3"])
+    _, ft = _train(tmp_path, "ft", ["method=full_ft_text", "method.optimizer.lr=1e-3"])
     _, zs = _train(tmp_path, "zs", ["method=zeroshot"])
     assert ft["num_trainable"] == ft["num_params"] - 1
     assert ft["num_changed"] > 100 * round(0.001 * ft["num_params"])
@@ -100,7 +100,7 @@ def test_full_ft_changes_far_more_and_zeroshot_nothing(tmp_path):
 
 
 def test_tower_choice_freezes_the_other_tower(tmp_path):
-    cfg, results = _train(tmp_path, "img", ["method=full_ft", "method.towers=[image]", "method.optimizer.lr=1e-3"])
+    cfg, results = _train(tmp_path, "img", ["method=full_ft_text", "method.towers=[image]", "method.optimizer.lr=1e-3"])
     changed = changed_entries(run.base_state(cfg), ckpt_params(checkpoint(tmp_path / "img")))
     assert changed and all(n.startswith("visual.") for n in changed)
 

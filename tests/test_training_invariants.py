@@ -100,7 +100,7 @@ def test_clipping_sees_only_the_selected_gradients(tmp_path, monkeypatch):
 
 
 def test_weight_decay_groups_follow_open_clip(tmp_path):
-    cfg = compose_cfg(tmp_path, FAST + ["method=full_ft", "method.schedule=constant",
+    cfg = compose_cfg(tmp_path, FAST + ["method=full_ft_text", "method.schedule=constant",
                                         "method.towers=[image,text,logit_scale]"])
     datamodule, module = run.build(cfg)
     decay, no_decay = module.configure_optimizers().param_groups
@@ -196,3 +196,17 @@ def test_non_finite_base_weights_stop_the_mask_pass_with_the_tensor_named(tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "non-finite values (NaN or inf)" in proc.stderr and "mask scores of" in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_full_ft_decays_every_parameter_as_wise_ft_does(tmp_path):
+    """decay_exclusions=none (full FT, its head included): one decayed group holds every trained parameter."""
+    cfg = compose_cfg(tmp_path, FAST + ["method=full_ft", "method.schedule=constant"])
+    module = run.build(cfg)[1]
+    groups = [g for g in module.configure_optimizers().param_groups if g["params"]]
+    trained = [p for p in module.model.parameters() if p.requires_grad]
+    clip_groups = [g for g in groups if not g.get("head")]
+    assert len(clip_groups) == 1 and clip_groups[0]["weight_decay"] == 0.1
+    assert {id(p) for p in clip_groups[0]["params"]} == {id(p) for p in trained}
+    assert any(p.ndim < 2 for p in trained)  # biases and gains are among the decayed
+    (head,) = [g for g in groups if g.get("head")]
+    assert head["weight_decay"] == 0.1
