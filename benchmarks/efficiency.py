@@ -115,7 +115,7 @@ def main():
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--steps", type=int, default=12, help="at least two epochs (the second is timed)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--child", choices=["saft", "full_ft"])
+    parser.add_argument("--child", choices=["saft", "full_ft_text"])  # full FT of the towers SAFT masks
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.child:
@@ -128,7 +128,7 @@ def main():
                  "batch and a warm epoch can be timed")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("full_ft", "saft"):
+        for method in ("full_ft_text", "saft"):
             cmd = [sys.executable, __file__, "--child", method, "--out", f"{tmp}/{method}", "--model", args.model,
                    "--batch", str(args.batch), "--shots", str(args.shots), "--steps", str(args.steps),
                    "--threads", str(args.threads)]
@@ -141,7 +141,7 @@ def main():
 
 
 def report(args, r):
-    ft, saft = r["full_ft"], r["saft"]
+    ft, saft = r["full_ft_text"], r["saft"]
     spe = saft["steps_per_epoch"]  # the first epoch pays for allocation and lazy init: the second is timed
 
     def step(x):
