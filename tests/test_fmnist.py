@@ -1,18 +1,23 @@
 """The CPU benchmark on a scaled-down scale: styles, captions, data sources, pretraining and its cache."""
+import hashlib
+import json
+import math
 import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
+from omegaconf import OmegaConf
 from PIL import Image, ImageFilter, ImageOps
 
 from conftest import compose_cfg, read_results, run_script
 from datamodules import fmnist_styles as fm
 from datamodules.base import key_rng
 from saft.app import pretrain as P
-from saft.app.clip import load_clip
+from saft.app.clip import MAX_LOGIT_SCALE, load_clip
 from saft.errors import ConfigError
 from saft.report.tables import main as report_main
 
@@ -174,6 +179,118 @@ def test_cached_checkpoint_round_trips_through_model_pretrained(pretrained, monk
     monkeypatch.setenv("SAFT_CACHE_DIR", str(cache))
     again = P.resolve_pretrained({"name": "saft-tiny", "pretrained": "auto", "init_seed": 0, "pretrain": spec})
     assert again["pretrained"] == path
+
+
+def _pretraining_module(name, lr=1e-3, steps=10):
+    model, _, _, tokenizer = load_clip(name, None, init_seed=0)
+    tokens = tokenizer([fm.caption(s, c) for s in fm.STYLES for c in fm.CLASSNAMES])
+    return P.ContrastivePretraining(model, tokens, lr=lr, steps=steps, warmup=1)
+
+
+def test_pretraining_decays_exactly_what_open_clip_decays():
+    """open_clip's trainer (src/open_clip_train/main.py): no weight decay where p.ndim < 2 or the name holds
+    bn, ln, bias or logit_scale; weight decay on every other trained parameter. The benchmark's own model."""
+    module = _pretraining_module("saft-fmnist")
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay_of = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            assert id(p) not in decay_of, "a parameter in two groups"
+            decay_of[id(p)] = group["weight_decay"]
+    names = dict(module.model.named_parameters())
+    expected = {}
+    for n, p in names.items():
+        if n == "token_embedding.weight":
+            continue  # frozen at its random init (saft/app/pretrain.py says why)
+        excluded = p.ndim < 2 or any(s in n for s in ("bn", "ln", "bias", "logit_scale"))
+        expected[n] = 0.0 if excluded else 0.1
+    assert {n: decay_of.get(id(p)) for n, p in names.items() if id(p) in decay_of} == expected
+    assert not names["token_embedding.weight"].requires_grad and id(names["token_embedding.weight"]) not in decay_of
+    # The rule as it reads on this model's names, so that a rule that agrees with itself but not with open_clip fails.
+    assert expected["logit_scale"] == 0.0 and expected["ln_final.weight"] == 0.0
+    assert expected["visual.transformer.resblocks.0.attn.in_proj_bias"] == 0.0
+    assert expected["visual.class_embedding"] == 0.0  # a vector: ndim 1
+    assert expected["visual.conv1.weight"] == expected["positional_embedding"] == expected["text_projection"] == 0.1
+    assert 0 < sum(v == 0.0 for v in expected.values()) < len(expected)
+
+
+def test_the_temperature_learns_during_a_short_pretraining(pretrained):
+    """The fixture's 300 steps move exp(logit_scale) away from CLIP's init of 1/0.07, within the clamp."""
+    path, _, _ = pretrained
+    learned = torch.load(path, weights_only=True)["state_dict"]["logit_scale"].item()
+    initial = load_clip("saft-tiny", None)[0].logit_scale.item()
+    assert initial == pytest.approx(math.log(1 / 0.07))
+    assert abs(learned - initial) > 1e-3 and 0 <= learned <= MAX_LOGIT_SCALE, (math.exp(initial), math.exp(learned))
+
+
+class _RecordScale(pl.Callback):
+    """The stored logit_scale after each step (a callback's on_train_batch_end runs after the optimizer step)."""
+
+    def __init__(self):
+        self.after_step = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after_step.append(pl_module.model.logit_scale.detach().clone())
+
+
+def _fit(module, steps):
+    """``steps`` optimizer steps of ``module`` on random images and captions, as pretrain() trains it."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8 * steps, 3, 32, 32, generator=g),
+                                          torch.randint(0, len(module.tokens), (8 * steps,), generator=g))
+    record = _RecordScale()
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, enable_progress_bar=False, gradient_clip_val=1.0,
+                         callbacks=[record])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    assert len(record.after_step) == steps
+    return record.after_step
+
+
+def test_the_temperature_moves_by_its_gradient_alone():
+    """No weight decay on logit_scale: with its gradient held at 0, AdamW at lr 0.5 leaves the stored value bit
+    for bit (a decay of 0.1 would shrink it 5% a step), while the decayed weights do move."""
+    module = _pretraining_module("saft-tiny", lr=0.5)
+    scale, proj = module.model.logit_scale, module.model.visual.proj
+    before, proj_before = scale.detach().clone(), proj.detach().clone()
+    scale.register_hook(torch.zeros_like)
+    assert all(torch.equal(v, before) for v in _fit(module, 3))
+    assert not torch.equal(proj.detach(), proj_before)
+
+
+@pytest.mark.parametrize("start, push, bound", [(MAX_LOGIT_SCALE - 0.01, -1.0, MAX_LOGIT_SCALE), (0.01, 1.0, 0.0)],
+                         ids=["at ln 100", "at 0"])
+def test_the_stored_temperature_is_clamped_after_every_step(start, push, bound):
+    """open_clip clamps logit_scale in place to [0, ln 100] right after optimizer.step
+    (src/open_clip_train/train.py). A gradient forced to push it past the bound with lr 1 (AdamW's first steps
+    move it by about lr): the stored parameter, read after each step, sits on the bound."""
+    module = _pretraining_module("saft-tiny", lr=1.0)
+    scale = module.model.logit_scale
+    with torch.no_grad():
+        scale.fill_(start)
+    scale.register_hook(lambda g: torch.full_like(g, push))  # whatever the loss says: towards the bound
+    on_bound = torch.tensor(bound, dtype=scale.dtype).expand_as(scale)
+    after_step = _fit(module, 3)
+    assert all(torch.equal(v, on_bound) for v in after_step), after_step
+    assert torch.equal(scale.detach(), on_bound)
+
+
+def test_a_cache_built_by_the_old_recipe_is_never_read(tmp_path, monkeypatch):
+    """The cache file's name hashes the recipe's version too, with or without a ``version`` key in the spec,
+    so no file named by the old hash (of the spec alone) matches any spec; an old version is refused."""
+    monkeypatch.setenv("SAFT_CACHE_DIR", str(tmp_path))
+    cfg = compose_cfg(tmp_path / "run", ["model=fmnist_clip"])
+    spec = {k: v for k, v in OmegaConf.to_container(cfg.model.pretrain, resolve=True).items() if k != "data_dir"}
+    assert spec["version"] == P.RECIPE_VERSION == 2
+    old_spec = {k: v for k, v in spec.items() if k != "version"}  # the block as it was before version 2
+    for name, s in (("saft-fmnist", old_spec), ("saft-tiny", {"steps": 300, "lr": 3e-3, "seed": 0})):
+        old_digest = hashlib.sha256(json.dumps({"arch": name, **s}, sort_keys=True).encode()).hexdigest()[:12]
+        assert P.cache_path(name, s) != tmp_path / f"{name}-{old_digest}.pt"
+    assert P.cache_path("saft-fmnist", spec) == P.cache_path("saft-fmnist", old_spec)  # version 2 is the default
+    assert P.cache_path("saft-fmnist", {**spec, "version": 1}) != P.cache_path("saft-fmnist", spec)
+    with pytest.raises(ConfigError, match="model.pretrain.version=1"):
+        P.resolve_pretrained({"name": "saft-fmnist", "pretrained": "auto", "pretrain": {**spec, "version": 1,
+                                                                                       "data_dir": str(tmp_path)}})
 
 
 def test_zero_shot_beats_chance_after_pretraining(pretrained, tmp_path):

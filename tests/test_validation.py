@@ -78,6 +78,7 @@ BAD = [
     ([*FMNIST, "model.pretrain.batch_size=0"], "model.pretrain.batch_size"),
     ([*FMNIST, "model.pretrain.lr=0"], "model.pretrain.lr"),
     ([*FMNIST, "model.pretrain.seed=-3"], "model.pretrain.seed"),
+    ([*FMNIST, "model.pretrain.version=1"], "model.pretrain.version"),  # an older recipe, no longer built
     ([*FMNIST, "model.pretrain.style_weights.photo=-1"], "model.pretrain.style_weights"),
     ([*FMNIST, "+model.pretrain.style_weights.skecth=1"], "model.pretrain.style_weights"),
     ([*FMNIST, "model.pretrain.style_weights={photo:0,sketch:0,negative:0,noisy:0,painting:0}"],

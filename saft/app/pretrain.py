@@ -1,5 +1,10 @@
 """Contrastive pretraining of a small CLIP on captioned, styled Fashion-MNIST (the CPU benchmark's base).
 
+The optimisation follows open_clip's trainer (``src/open_clip_train/main.py`` and ``train.py``): AdamW with
+no weight decay on gains, biases and the logit scale, and a learned temperature clamped in place to
+[0, ln 100] after every optimizer step. The token embedding stays at its random init (see
+``ContrastivePretraining``); open_clip trains it unless told to lock the text tower.
+
 The result is an ordinary open_clip checkpoint file, loaded through ``model.pretrained`` like any other.
 ``model.pretrained=auto`` with a ``model.pretrain`` block names the file after a hash of that block in
 ``$SAFT_CACHE_DIR`` (default ``~/.cache/saft``) and builds it there when it is missing. Rebuild with
@@ -31,11 +36,19 @@ from saft.optim import warmup_cosine
 
 log = logging.getLogger(__name__)
 
+# The training recipe's version, part of every cache name: a change to how pretraining trains (not only to its
+# settings) must not be served a file the old code built. 1: weight decay 0.1 on every parameter, the
+# temperature among them, which the decay held near its init of 1/0.07. 2: open_clip's weight-decay
+# exclusions and clamp.
+RECIPE_VERSION = 2
+WEIGHT_DECAY = 0.1
+
 
 def cache_path(name: str, spec: Mapping) -> Path:
     """The cached checkpoint of ``name`` pretrained with ``spec``: named by a hash of the settings that change
-    the weights (where the data comes from does not)."""
-    spec = {k: v for k, v in spec.items() if k not in ("data_dir", "download")}
+    the weights (where the data comes from does not), the recipe's version included even when ``spec`` does
+    not name it, so that no file of an older recipe matches."""
+    spec = {"version": RECIPE_VERSION, **{k: v for k, v in spec.items() if k not in ("data_dir", "download")}}
     digest = hashlib.sha256(json.dumps({"arch": name, **spec}, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SAFT_CACHE_DIR", Path.home() / ".cache" / "saft"))
     return root / f"{name}-{digest}.pt"
@@ -61,6 +74,12 @@ class StyledCaptions(Dataset):
         return self.transform(image), style * len(CLASSNAMES) + int(self.labels[n])
 
 
+def no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """open_clip's exclusion rule: gains, biases and the logit scale are not decayed. Decay pulls a
+    parameter towards 0, which for the logit scale means towards temperature 1, against what it learns."""
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
 class ContrastivePretraining(pl.LightningModule):
     """CLIP's two-way contrastive loss over the 50 distinct captions: images -> captions is a 50-way
     cross-entropy; captions -> images spreads each caption's target over every image carrying it (plain
@@ -70,12 +89,16 @@ class ContrastivePretraining(pl.LightningModule):
         super().__init__()
         self.model, self.lr, self.steps, self.warmup = model, lr, steps, warmup
         self.register_buffer("tokens", tokens)
+        # The token embedding (6.3 M of the 8.2 M entries) stays at its random init: 50 fixed captions need
+        # no new word vectors, and skipping it halves the optimizer's work on a CPU.
+        model.token_embedding.weight.requires_grad_(False)
 
     def training_step(self, batch, batch_idx):
         images, captions = batch
         image = self.model.encode_image(images, normalize=True)
         text = self.model.encode_text(self.tokens, normalize=True)
-        logits = self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image @ text.T
+        # No clamp here: optimizer_step keeps the stored parameter within [0, ln 100], as open_clip does.
+        logits = self.model.logit_scale.exp() * image @ text.T
         to_text = F.cross_entropy(logits, captions)
         present = torch.unique(captions)
         targets = (captions[None, :] == present[:, None]).float()
@@ -85,24 +108,37 @@ class ContrastivePretraining(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        # The token embedding (6.3 M of the 8.2 M entries) stays at its random init: 50 fixed captions need
-        # no new word vectors, and skipping it halves the optimizer's work on a CPU.
-        params = [p for n, p in self.model.named_parameters() if n != "token_embedding.weight"]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.1)
+        trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trained if no_weight_decay(n, p)], "weight_decay": 0.0},
+                  {"params": [p for n, p in trained if not no_weight_decay(n, p)], "weight_decay": WEIGHT_DECAY}]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
         schedule = warmup_cosine(optimizer, self.steps, self.warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def optimizer_step(self, *args, **kwargs):
+        """The step, then open_clip's clamp of the learned temperature. Here rather than in another hook:
+        Lightning calls on_before_zero_grad inside the closure, after this batch's forward and before its
+        backward, so before the step; on_train_batch_end comes after the callbacks' own (a checkpoint there
+        would save an unclamped scale). This hook wraps optimizer.step() itself."""
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
 
 def pretrain(name: str, out: Path, data_dir: str, steps: int, batch_size: int, lr: float, seed: int,
-             style_weights: Mapping[str, float], train_size: int = 50000, download: bool = False) -> Path:
-    """Train ``name`` from a seeded random init and save it as an open_clip checkpoint at ``out``."""
+             style_weights: Mapping[str, float], train_size: int = 50000, download: bool = False,
+             version: int = RECIPE_VERSION) -> Path:
+    """Train ``name`` from a seeded random init and save it as an open_clip checkpoint at ``out``.
+    ``version`` is the recipe's (``RECIPE_VERSION``); only the current one can be built."""
+    if version != RECIPE_VERSION:
+        raise ConfigError(f"model.pretrain.version={version}: this code builds only recipe version "
+                          f"{RECIPE_VERSION} (older recipes were replaced, see saft/app/pretrain.py)")
     log.info("pretraining %s for %d steps into %s (once; it is cached)", name, steps, out)
     pl.seed_everything(seed, workers=True)
     model, train_tf, _, tokenizer = load_clip(name, None, init_seed=seed)
     images, labels, _, _ = load_fashion_mnist(data_dir, download)
     data = StyledCaptions(images[:train_size], labels[:train_size], style_weights, seed, steps * batch_size, train_tf)
     tokens = tokenizer([caption(s, c) for s in STYLES for c in CLASSNAMES])
-    model.token_embedding.weight.requires_grad_(False)
     module = ContrastivePretraining(model, tokens, lr, steps, warmup=max(1, steps // 20))
     trainer = pl.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=True, gradient_clip_val=1.0,
