@@ -71,9 +71,10 @@ def child(args) -> dict:
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pl.seed_everything(1)
-    datamodule, module = run.build(cfg)
+    identity = run.run_identity(cfg)
+    datamodule, module = run.build(cfg, identity)
     mask_cb = hydra.utils.instantiate(cfg.method.mask) if cfg.method.get("mask") else None
-    trainer = run.make_trainer(cfg, [c for c in (mask_cb, Clock()) if c is not None])
+    trainer = run.make_trainer(cfg, [c for c in (mask_cb, Clock()) if c is not None], identity, "train")
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainer.fit(module, datamodule=datamodule)
     rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -100,7 +101,7 @@ def child(args) -> dict:
               "eval_loop_ips": loop_ips, "eval_alone_ips": alone_ips,
               "state_dict_bytes": sum(p.numel() * p.element_size() for p in module.model.parameters())}
     if mask_cb is not None:
-        run.write_artifacts(cfg, module, datamodule, mask_cb)
+        run.write_artifacts(cfg, identity, module, datamodule, mask_cb)
         result["delta_bytes"] = (out / run.DELTA).stat().st_size
         result["k"] = mask_cb.stats["mask/k"]
         result["frozen_tensors"] = sum(1 for p in module.model.parameters() if not p.requires_grad)

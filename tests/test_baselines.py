@@ -222,6 +222,10 @@ def test_coop_prompt_that_cannot_fit_is_refused_before_anything_runs(tmp_path):
     (["method=full_ft_text", "+method.probe={_target_:saft.app.probe.ConvexProbe}"], "null unless method.head=linear"),
     (["method=lp_ft", "method.lp_fraction=0.5"], "0 when method.probe is set"),
     (["method=coop", "method.n_ctx=4", "method.warmup_lr=null"], "a learning rate when method.warmup=constant"),
+    (["method=full_ft", "method.towers=[image,logit_scale]"], "a list without logit_scale when method.head=linear"),
+    (["method=saft", "method.towers=[image]", "+method.head=linear", "+method.probe={_target_:saft.app.probe.ConvexProbe}"],
+     "null for a masked method"),
+    (["method=lp_ft", "method.probe.c_low=3", "method.probe.c_high=-3"], "at most method.probe.c_high=-3"),
     (["method=coop", "method.n_ctx=0"], "method.n_ctx=0 must be a positive integer"),
     (["method=coop", "method.ctx_init=''"], "method.ctx_init='' must be null or words"),
     (["method=lp_ft", "method.probe=null", "method.lp_fraction=0.05"], "leaves 0 probe steps and 6 fine-tuning steps"),
@@ -245,12 +249,17 @@ def test_benchmark_arms_keep_the_probe_and_coop_frozen_and_finish_end_to_end(tmp
 # --- each baseline as its reference runs it -----------------------------------------------------------------
 @pytest.mark.parametrize("method, clip", [("coop", None), ("saft", 1.0), ("full_ft", 1.0), ("bitfit", 1.0),
                                           ("linear_probe", 1.0), ("lp_ft", 1.0)])
-def test_gradient_clipping_is_the_references_coop_is_never_clipped(tmp_path, method, clip):
-    """CoOp and Dassl do not clip; wise-ft (full FT, its probe, LP-FT's fine-tuning) and BitFit clip at norm 1.0."""
-    import hydra
-    cfg = compose_cfg(tmp_path / "run", FAST + [f"method={method}"])
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path))
-    assert trainer.gradient_clip_val == clip
+def test_gradient_clipping_is_the_references_coop_is_never_clipped(tmp_path, monkeypatch, method, clip):
+    """CoOp and Dassl do not clip; wise-ft (full FT, its probe, LP-FT's fine-tuning) and BitFit clip at norm 1.0.
+    Counted where Lightning clips, over two training steps."""
+    from pytorch_lightning.plugins.precision import Precision
+    norms = []
+    original = Precision.clip_grad_by_norm
+    monkeypatch.setattr(Precision, "clip_grad_by_norm", lambda self, optimizer, value: (norms.append(value),
+                                                                                       original(self, optimizer, value)))
+    extra = ["method.n_ctx=4"] if method == "coop" else []
+    _train(tmp_path / "run", [f"method={method}", "trainer.max_steps=2", *extra])
+    assert norms == ([] if clip is None else [clip, clip])
 
 
 def test_coop_trains_on_dassl_augmentation_and_warms_up_at_a_constant_lr(tmp_path):
@@ -258,9 +267,9 @@ def test_coop_trains_on_dassl_augmentation_and_warms_up_at_a_constant_lr(tmp_pat
     import torchvision.transforms as T
     cfg = compose_cfg(tmp_path / "run", FAST + ["method=coop", "method.n_ctx=4", "method.warmup_fraction=0.5"])
     datamodule, module = run.build(cfg)
-    crops = [t for t in datamodule.train_transform.transforms if isinstance(t, T.RandomResizedCrop)]
-    assert [c.scale for c in crops] == [(0.08, 1.0)]
-    assert any(isinstance(t, T.RandomHorizontalFlip) for t in datamodule.train_transform.transforms)
+    kinds = [type(t) for t in datamodule.train_transform.transforms]
+    assert kinds[:2] == [T.RandomResizedCrop, T.RandomHorizontalFlip]  # crop, then flip, as Dassl
+    assert datamodule.train_transform.transforms[0].scale == (0.08, 1.0)
     module.trainer = type("T", (), {"estimated_stepping_batches": 6})()
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -285,6 +294,18 @@ def test_full_ft_is_the_references_the_image_tower_under_a_zero_shot_initialised
     one = _evaluate(tmp_path / "one", [f"run_dir={out}", "wise_alpha=1"])
     assert _scores(zero["metrics"]) == _scores(results["zeroshot_metrics"]) and zero["num_changed"] == 0
     assert one["metrics"] == results["metrics"] and one["weights_sha256"] == results["weights_sha256"]
+    from saft.app.heads import LinearHead
+    blended = LinearHead(TINY_WIDTH, ["x"] * CLASSES)
+    run.load_head(blended, out / "head.safetensors", 0.0)  # alpha=0: the head's start exactly, no bias
+    assert torch.equal(blended.change(), torch.zeros_like(head["start"])) and not blended.bias.any()
+
+
+def test_coop_reference_runs_coops_length_on_imagenet_and_the_experiments_own_in_base2new(tmp_path):
+    dg = compose_cfg(tmp_path / "dg", ["experiment=imagenet_dg", "arm=coop_reference"])
+    assert (dg.batch_size, dg.trainer.max_epochs, dg.trainer.max_steps) == (32, 50, -1)
+    assert dg.method.name == "coop" and dg.trainer.gradient_clip_val is None
+    b2n = compose_cfg(tmp_path / "b2n", ["experiment=base2new", "arm=coop_reference"])
+    assert (b2n.batch_size, b2n.trainer.max_epochs, b2n.trainer.max_steps) == (128, None, 500)
 
 
 def test_fitted_probe_is_the_regularised_logistic_regression_at_the_best_validation_c():
@@ -299,7 +320,7 @@ def test_fitted_probe_is_the_regularised_logistic_regression_at_the_best_validat
     train_x = centres[train_y] + rng.normal(scale=1.5, size=(60, 8)) + 0.3
     val_x = centres[val_y] + rng.normal(scale=1.5, size=(30, 8)) + 0.3
     cs = np.logspace(-4, 2, 7)
-    weight, bias, c = fit_logistic_regression(train_x, train_y, val_x, val_y, cs, max_iter=1000, seed=0)
+    weight, bias, c = fit_logistic_regression(train_x, train_y, val_x, val_y, cs, max_iter=1000, seed=0, classes=3)
     mean, std = train_x.mean(), train_x.std()
     accuracy = {}
     for value in cs:
@@ -335,9 +356,38 @@ def test_lp_ft_starts_fine_tuning_from_the_probe_fitted_on_the_frozen_features(t
     with torch.no_grad():
         train_x, train_y = _features(module, datamodule.split_dataloader("train"))
         val_x, val_y = _features(module, datamodule.split_dataloader("val"))
-    weight, bias, c = fit_logistic_regression(train_x, train_y, val_x, val_y, np.logspace(-3, 1, 5), 200, cfg.seed)
+    weight, bias, c = fit_logistic_regression(train_x, train_y, val_x, val_y, np.logspace(-3, 1, 5), 200, cfg.seed,
+                                              classes=CLASSES)
     torch.testing.assert_close(head["weight"], torch.as_tensor(weight, dtype=torch.float32), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(head["bias"], torch.as_tensor(bias, dtype=torch.float32), rtol=1e-5, atol=1e-6)
     assert not torch.equal(head["weight"], head["start"])
     base, tuned = run.base_state(cfg), _clip(checkpoint(tmp_path / "run"))
     assert max((tuned[k] - base[k]).abs().max().item() for k in base if base[k].is_floating_point()) < 1e-20
+
+
+def test_probe_of_two_present_classes_pads_the_others_with_zeros_as_the_reference():
+    """scikit-learn's binary model (one logit) becomes logits (0, z) of its two classes; a class without training
+    examples gets zero weights and bias (transfer_learning's pad_head)."""
+    import numpy as np
+    from scipy.special import expit
+    from sklearn.linear_model import LogisticRegression
+    from saft.app.probe import fit_logistic_regression
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 2], 15)
+    x = rng.normal(size=(30, 4)) + 2.0 * (y == 2)[:, None]
+    weight, bias, c = fit_logistic_regression(x, y, x, y, [1.0], max_iter=1000, seed=0, classes=3)
+    assert weight.shape == (4, 3) and not weight[:, 1].any() and bias[1] == 0
+    logits = x @ weight + bias
+    mean, std = x.mean(), x.std()
+    p2 = LogisticRegression(C=1.0, max_iter=1000, random_state=0).fit((x - mean) / std, y).predict_proba((x - mean) / std)[:, 1]
+    np.testing.assert_allclose(expit(logits[:, 2] - logits[:, 0]), p2, atol=1e-3)
+
+
+def test_old_linear_heads_without_a_start_are_refused_with_the_reason(tmp_path):
+    from safetensors.torch import save_file
+    from saft.app.heads import LinearHead
+    path = tmp_path / "head.safetensors"
+    save_file({"weight": torch.zeros(TINY_WIDTH, CLASSES), "bias": torch.zeros(CLASSES)}, str(path),
+              metadata={"classnames": "[]"})
+    with pytest.raises(ConfigError, match="older version of this project"):
+        run.load_head(LinearHead(TINY_WIDTH, ["x"] * CLASSES), path)

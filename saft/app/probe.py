@@ -15,15 +15,18 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from saft.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
 def fit_logistic_regression(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                            cs: Sequence[float], max_iter: int, seed: int) -> Tuple[np.ndarray, np.ndarray, float]:
+                            cs: Sequence[float], max_iter: int, seed: int,
+                            classes: int) -> Tuple[np.ndarray, np.ndarray, float]:
     """(weight [features, classes], bias [classes], chosen C): logits = x @ weight + bias on unstandardised x.
-    The first C of the grid with the best validation accuracy wins, as in the reference."""
+    The first C of the grid with the best validation accuracy wins, and a class without training examples gets
+    zero weights and bias, as in the reference (``pad_head``)."""
     mean, std = train_x.mean(), train_x.std()
-    classes = int(train_y.max()) + 1
     clf = LogisticRegression(random_state=seed, warm_start=True, max_iter=max_iter)
     best, unconverged = None, 0
     for c in cs:
@@ -36,13 +39,13 @@ def fit_logistic_regression(train_x: np.ndarray, train_y: np.ndarray, val_x: np.
         if best is None or accuracy > best[0]:
             best = (accuracy, c, clf.coef_.copy(), clf.intercept_.copy())
     accuracy, c, coef, intercept = best
-    if list(clf.classes_) != list(range(classes)):
-        raise ValueError(f"the probe's training labels are {list(clf.classes_)}, not every class 0..{classes - 1}")
-    if classes == 2:  # scikit-learn's binary model is one logit z for class 1: the same as logits (0, z)
+    if len(clf.classes_) == 2:  # scikit-learn's binary model is one logit z for the second class: logits (0, z)
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    weight, bias = np.zeros((classes, train_x.shape[1])), np.zeros(classes)
+    weight[clf.classes_], bias[clf.classes_] = coef / std, intercept - coef.sum(axis=1) * mean / std
     log.info("linear probe: C=%.3g of %d values (validation accuracy %.2f%%; %d fits stopped at max_iter=%d)",
              c, len(cs), 100 * accuracy, unconverged, max_iter)
-    return (coef / std).T, intercept - coef.sum(axis=1) * mean / std, float(c)
+    return weight.T, bias, float(c)
 
 
 class ConvexProbe:
@@ -58,13 +61,18 @@ class ConvexProbe:
     def fit(self, module) -> None:
         """Set ``module.head`` to the probe fitted on the frozen features of the training and validation splits
         (rank 0 fits; every rank receives its weights)."""
-        trainer, head = module.trainer, module.head
+        trainer, head, dm = module.trainer, module.head, module.trainer.datamodule
+        present = {label for _, label in dm.split["train"]}
+        if not dm.split["val"] or len(present) < 2:  # known on every rank: none waits for a rank-0 failure
+            raise ConfigError(f"LP-FT's probe needs a validation split and training examples of at least two classes "
+                              f"(this run: {len(dm.split['val'])} validation examples, {len(present)} classes); "
+                              f"use a dataset with more examples per class, or method.probe=null method.lp_fraction=0.5")
         solution = None
         if trainer.is_global_zero:
-            dm = trainer.datamodule
             train_x, train_y = _features(module, dm.split_dataloader("train"))
             val_x, val_y = _features(module, dm.split_dataloader("val"))
-            solution = fit_logistic_regression(train_x, train_y, val_x, val_y, self.cs, self.max_iter, self.seed)
+            solution = fit_logistic_regression(train_x, train_y, val_x, val_y, self.cs, self.max_iter, self.seed,
+                                               classes=len(head.classnames))
         weight, bias, self.c = trainer.strategy.broadcast(solution, src=0)
         head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
         head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))

@@ -346,6 +346,9 @@ def load_head(head: torch.nn.Module, path: Path, alpha=None) -> None:
     """A run's trained head; WiSE-FT blends a linear head with its start (the scaled zero-shot head, no bias) by
     ``alpha``, as it blends the rest of the model."""
     tensors = read_head_file(path)["tensors"]
+    if "weight" in tensors and "start" not in tensors:
+        raise ConfigError(f"{path} is a linear head of an older version of this project (its weight was the change "
+                          f"from the text head, with no start); train the run again with this version")
     try:
         if alpha is not None:
             tensors = {**tensors, "weight": torch.lerp(tensors["start"], tensors["weight"], alpha),

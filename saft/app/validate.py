@@ -371,6 +371,17 @@ def _cross_checks(cfg: DictConfig) -> None:
     if head == "linear" and "text" in method["towers"]:
         _fail("method.towers", method["towers"], "a list without text when method.head=linear (a linear head "
               "replaces the text head, so the text tower would get no gradient)", "[image]")
+    if head == "linear" and "logit_scale" in method["towers"]:
+        _fail("method.towers", method["towers"], "a list without logit_scale when method.head=linear (the head is "
+              "in logit units from its start, as wise-ft's; a trained scale would rescale the zero-shot part alone)",
+              "[image]")
+    probe = method.get("probe") or {}
+    if probe and method.get("mask"):
+        _fail("method.probe", "set", "null for a masked method (the mask is chosen at fit start, before the probe "
+              "is fitted, so it would be scored against another head)", "null")
+    if probe and probe.get("c_low", 0) > probe.get("c_high", 0):
+        _fail("method.probe.c_low", probe["c_low"], f"at most method.probe.c_high={probe['c_high']} (C runs from "
+              f"10^c_low to 10^c_high)", "-7")
     if method.get("probe") and head != "linear":
         _fail("method.probe", "set", "null unless method.head=linear (the probe fits a linear head)", "null")
     if method.get("probe") and method.get("lp_fraction"):
