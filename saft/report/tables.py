@@ -242,7 +242,7 @@ def matched_id_table(runs: Runs) -> Optional[Table]:
     model, shots, training length, seed); a seed whose ID lies outside that range (below zero-shot or above FT's
     largest measured ID) is left out, and "n" counts the seeds that remain. Full FT here trains every parameter of
     its towers; when a context holds full FT of several tower sets, a run meets the one with its own towers, and a
-    run whose towers none has (LP-FT's image tower, a probe's none) meets it only if there is a single one.
+    run whose towers none has (a probe's none) meets it only if there is a single one.
 
     When full FT has WiSE-FT evaluations, "OOD vs WiSE-FT" is the OOD mean minus the best OOD mean that any of
     full FT's WiSE-FT curves of the same seed and context reaches at the run's ID. A curve belongs to one FT
