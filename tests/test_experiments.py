@@ -394,3 +394,17 @@ def test_a_plain_re_evaluation_of_a_run_is_not_a_second_seed(tmp_path):
     half = _identified({**again, "wise_alpha": 0.5})
     assert without_reevaluations([run, again, other_data, half]) == [run, other_data, half]
     assert without_reevaluations([again]) == [again]  # without its run, the evaluation is the measurement
+
+
+def test_the_picture_draws_the_chosen_methods_within_the_chosen_axes(tmp_path):
+    """--methods and --xlim/--ylim of the report: the outliers of other methods no longer set the axes."""
+    from saft.report.plots import plot_id_vs_ood
+    curves = {"full_ft": [[(30.0, 70.0)], [(40.0, 60.0)]], "saft, sparsity=0.01": [[(25.0, 75.0)]],
+              "coop": [[(10.0, 20.0)]]}
+    wise = {"full_ft": [[[(20.0, 78.0)], [(30.0, 70.0)]]], "coop": [[[(5.0, 5.0)]]]}
+    labels, xlim, ylim = plot_id_vs_ood(curves, (20.0, 78.0), tmp_path / "a.png", wise, methods=["full_ft", "saft"],
+                                        xlim=(18.0, 45.0), ylim=(55.0, 80.0))
+    assert labels == ["full_ft", "saft, sparsity=0.01"] and xlim == (18.0, 45.0) and ylim == (55.0, 80.0)
+    labels, xlim, ylim = plot_id_vs_ood(curves, (20.0, 78.0), tmp_path / "b.png", wise)
+    assert "coop" in labels and xlim[0] < 10.0 and ylim[0] < 20.0  # every method, axes that hold them all
+    assert (tmp_path / "a.png").stat().st_size > 0

@@ -26,11 +26,18 @@ def _errorbar(ax, points, **style):
 
 def plot_id_vs_ood(curves: Dict[str, Sequence[Sequence[Tuple[float, float]]]],
                    zeroshot: Optional[Tuple[float, float]], path: Path,
-                   wise: Optional[Dict[str, Sequence[Sequence[Sequence[Tuple[float, float]]]]]] = None) -> None:
+                   wise: Optional[Dict[str, Sequence[Sequence[Sequence[Tuple[float, float]]]]]] = None,
+                   methods: Optional[Sequence[str]] = None, xlim: Optional[Tuple[float, float]] = None,
+                   ylim: Optional[Tuple[float, float]] = None) -> Tuple[list, tuple, tuple]:
     """One curve per configuration (label -> its points, each point the (ID, OOD mean) of every seed), error
     bars over seeds, and the zero-shot model every run started from as a star. ``wise`` (label of a curve ->
     its WiSE-FT curves, points in α order) adds thin dashed curves in that curve's colour, with one legend
-    entry for all of them so that the legend stays readable."""
+    entry for all of them so that the legend stays readable. ``methods`` keeps the curves of those method names
+    only (a label starts with its method); ``xlim`` and ``ylim`` fix the axes, so that outliers do not squash the
+    region where methods differ. Returns what was drawn: the curve labels and the axis limits."""
+    if methods is not None:
+        curves = {k: v for k, v in curves.items() if k.split(",")[0] in methods}
+        wise = {k: v for k, v in (wise or {}).items() if k.split(",")[0] in methods}
     fig, ax = plt.subplots(figsize=(9, 4.8))
     colours = {}
     for label, points in curves.items():
@@ -43,6 +50,10 @@ def plot_id_vs_ood(curves: Dict[str, Sequence[Sequence[Tuple[float, float]]]],
         ax.plot([], [], "k--", linewidth=1, label="WiSE-FT (dashed): α from 0 at zero-shot to 1 at the run")
     if zeroshot is not None:
         ax.plot(*zeroshot, "k*", markersize=12, label="zero-shot")
+    if xlim:
+        ax.set_xlim(*xlim)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.set_xlabel("ID top-1 (%)")
     ax.set_ylabel("OOD mean top-1 (%)")
     ax.set_title("ID vs OOD accuracy (mean ± std over seeds)")
@@ -50,7 +61,9 @@ def plot_id_vs_ood(curves: Dict[str, Sequence[Sequence[Tuple[float, float]]]],
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    drawn = (list(curves), tuple(ax.get_xlim()), tuple(ax.get_ylim()))
     plt.close(fig)
+    return drawn
 
 
 def plot_mask_blocks(runs: Sequence[dict], path: Path) -> None:

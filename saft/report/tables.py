@@ -355,7 +355,9 @@ def build_tables(runs: Runs) -> List[Table]:
     return [t for t in tables if t is not None]
 
 
-def write_report(dirs: Sequence[Path], out: Path) -> List[Table]:
+def write_report(dirs: Sequence[Path], out: Path, plot: Optional[dict] = None) -> List[Table]:
+    """The tables of every run in ``dirs`` and the pictures, in ``out``. ``plot``: ``methods``, ``xlim`` and ``ylim``
+    of the ID-vs-OOD picture (the tables keep every run)."""
     from saft.report.plots import plot_id_vs_ood, plot_mask_blocks
     out.mkdir(parents=True, exist_ok=True)
     runs = collect(dirs)
@@ -370,7 +372,8 @@ def write_report(dirs: Sequence[Path], out: Path) -> List[Table]:
     for t in tables:
         to_csv(t, out / f"{t.name}.csv")
     start = next((_id_ood(r, "zeroshot_metrics") for r in runs.finished if _id_ood(r, "zeroshot_metrics")), None)
-    plot_id_vs_ood(tradeoff_curves(runs.finished), start, out / "id_vs_ood.png", wise_curves(runs.finished))
+    plot_id_vs_ood(tradeoff_curves(runs.finished), start, out / "id_vs_ood.png", wise_curves(runs.finished),
+                   **(plot or {}))
     plot_mask_blocks(runs.finished, out / "mask_blocks.png")
     return tables
 
@@ -380,11 +383,15 @@ def main(argv=None) -> None:
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="where to write the report")
     parser.add_argument("--wandb-project", help="also log the tables and pictures to this wandb project")
+    parser.add_argument("--methods", nargs="+", help="draw only these methods' curves in id_vs_ood.png, e.g. "
+                        "--methods full_ft saft lp_ft (the tables keep every run)")
+    parser.add_argument("--xlim", nargs=2, type=float, metavar=("LOW", "HIGH"), help="ID axis of id_vs_ood.png (%%)")
+    parser.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"), help="OOD axis of id_vs_ood.png (%%)")
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
         raise SystemExit(f"error: not a folder: {', '.join(map(str, missing))}")
-    tables = write_report(args.dirs, args.out)
+    tables = write_report(args.dirs, args.out, {"methods": args.methods, "xlim": args.xlim, "ylim": args.ylim})
     if args.wandb_project:
         log_to_wandb(args.wandb_project, args.out, tables)
     print((args.out / "report.md").read_text())
