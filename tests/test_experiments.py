@@ -270,19 +270,21 @@ def test_wise_curves_run_from_zero_shot_through_alpha_to_the_run(tmp_path, monke
 def test_report_command_compares_with_wise_ft_from_results_files(tmp_path, monkeypatch):
     from saft.report import plots
     drawn = []
-    monkeypatch.setattr(plots, "plot_id_vs_ood", lambda *args: drawn.append(args))
+    monkeypatch.setattr(plots, "plot_id_vs_ood", lambda *args, **kwargs: drawn.append((args, kwargs)))
     ft = _run("full_ft", 1, 30.0, 70.0, 1e-5)
     results = {"ft": ft, "ft_wise": _wise(ft, 0.5, 28.0, 78.0), "saft": _run("saft", 1, 25.0, 79.0, 1e-3)}
     for name, result in results.items():
         (tmp_path / "runs" / name / ".hydra").mkdir(parents=True)
         (tmp_path / "runs" / name / ".hydra" / "config.yaml").write_text("{}\n")
         (tmp_path / "runs" / name / "results.json").write_text(json.dumps(_identified(result)))
-    report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--methods", "full_ft", "saft",
+                 "--ylim", "60", "80"])
+    assert drawn[0][1] == {"methods": ["full_ft", "saft"], "xlim": None, "ylim": [60.0, 80.0]}  # the picture's options
     matched = _rows(tmp_path / "report" / "matched_id.csv")
     assert float(matched["saft"]["OOD vs WiSE-FT mean"]) == pytest.approx(79.0 - 78.75)
     assert float(matched["saft"]["OOD vs full FT mean"]) == pytest.approx(79.0 - 75.0)
     assert "full_ft, wise_alpha=0.5" in _rows(tmp_path / "report" / "summary.csv")
-    (_, _, _, wise), = drawn
+    ((_, _, _, wise), _), = drawn
     assert [len(points) for points in wise["full_ft"]] == [3]  # zero-shot, alpha 0.5, the run
 
 
