@@ -46,6 +46,12 @@ def load_clip(name: str, pretrained: Optional[str] = None, init_seed: int = 0,
     return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
 
 
+def no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """open_clip's exclusion rule: gains, biases and the logit scale are not decayed. Decay pulls a
+    parameter towards 0, which for the logit scale means towards temperature 1, against what it learns."""
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
 def augmented_transform(model, scale: Sequence[float], hflip: bool):
     """open_clip's training transform with another crop scale, and a horizontal flip after the crop when asked
     (CoOp's Dassl: random resized crops of scale (0.08, 1) and flips), at the model's size and normalisation."""

@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from saft.app.clip import MAX_LOGIT_SCALE, text_head, tokenize_prompts
+from saft.app.clip import MAX_LOGIT_SCALE, no_weight_decay, text_head, tokenize_prompts
 from saft.app.heads import LinearHead, PromptHead
 from datamodules.base import class_positions
 from saft.errors import ConfigError
@@ -251,8 +251,8 @@ class CLIPClassifier(pl.LightningModule):
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 # open_clip's trainer: no weight decay on gains, biases and the logit scale; wise-ft decays all.
-                exempt = p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
-                (no_decay if exempt and self.decay_exclusions == "open_clip" else decay).append(p)
+                exempt = self.decay_exclusions == "open_clip" and no_weight_decay(name, p)
+                (no_decay if exempt else decay).append(p)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.head is not None:  # dense: a masked optimizer trains the whole head beside the masked model
             decay_head = {} if self.head_weight_decay is None else {"weight_decay": self.head_weight_decay}

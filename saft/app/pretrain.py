@@ -28,7 +28,7 @@ from datamodules.base import key_rng
 from datamodules.fmnist_styles import CLASSNAMES, STYLES, caption, load_fashion_mnist, render
 from saft.atomic import atomic_path
 from saft.app import CONF_DIR
-from saft.app.clip import MAX_LOGIT_SCALE, load_clip
+from saft.app.clip import MAX_LOGIT_SCALE, load_clip, no_weight_decay
 from saft.app.progress import progress_bars
 from saft.app.signals import StopOnSignal, owned
 from saft.errors import ConfigError
@@ -72,12 +72,6 @@ class StyledCaptions(Dataset):
         n = i % len(self.images)
         image = render(self.images[n], STYLES[style], rng)
         return self.transform(image), style * len(CLASSNAMES) + int(self.labels[n])
-
-
-def no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:
-    """open_clip's exclusion rule: gains, biases and the logit scale are not decayed. Decay pulls a
-    parameter towards 0, which for the logit scale means towards temperature 1, against what it learns."""
-    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
 class ContrastivePretraining(pl.LightningModule):
