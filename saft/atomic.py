@@ -10,6 +10,6 @@ def atomic_path(path) -> Iterator[Path]:
     """A temporary name beside ``path`` to write to, renamed onto ``path`` when the block ends without an
     error: a kill leaves the old file or the complete new one, never a truncated file under the real name."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes writing one file never share it
     yield tmp
     os.replace(tmp, path)

@@ -21,7 +21,7 @@ from saft.errors import ConfigError
 from saft.mask import (SCOPES, SCORES, Mask, check_patterns, check_sparsity, flatten_mask, mask_stats, num_selected,
                        random_scores, select_topk, unflatten_mask)
 from saft.optim import MaskedAdamW
-from saft.select import eligible_parameters, select_mask
+from saft.select import eligible_parameters, rebatch, select_mask
 
 log = logging.getLogger(__name__)
 SELECTIONS = ("gradient", "random", "magnitude")
@@ -45,7 +45,7 @@ class SparseMaskCallback(pl.Callback):
 
     def __init__(self, sparsity: float = 0.001, selection: str = "gradient", score: str = "abs_sum",
                  scope: str = "global", include: Sequence[str] = (), exclude: Sequence[str] = (),
-                 seed: int = 0, model_attr: Optional[str] = None):
+                 seed: int = 0, model_attr: Optional[str] = None, batch_size: Optional[int] = None):
         for value, allowed, key in ((selection, SELECTIONS, "selection"), (score, SCORES, "score"),
                                     (scope, SCOPES, "scope")):
             if value not in allowed:
@@ -54,6 +54,10 @@ class SparseMaskCallback(pl.Callback):
         check_patterns(include, exclude)
         self.sparsity, self.selection, self.score, self.scope = float(sparsity), selection, score, scope
         self.include, self.exclude, self.seed, self.model_attr = list(include), list(exclude), seed, model_attr
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ConfigError(f"method.mask.batch_size={batch_size!r} must be a positive integer (or null: the "
+                              f"scoring loader's batches)")
+        self.batch_size = batch_size  # the scoring pass's batches are cut to this many examples (peak memory)
         self.masks: Optional[Mask] = None
         self.stats: Dict[str, int] = {}
 
@@ -122,7 +126,8 @@ class SparseMaskCallback(pl.Callback):
             mask = select_topk({n: p.detach().abs().float().cpu() for n, p in eligible.items()}, k, self.scope)
         else:
             to_device = trainer.strategy.batch_to_device
-            mask = select_mask(self.network(pl_module), self.scoring_batches(trainer, pl_module),
+            batches = self.scoring_batches(trainer, pl_module)
+            mask = select_mask(self.network(pl_module), rebatch(batches, self.batch_size) if self.batch_size else batches,
                                lambda _, batch: pl_module.per_example_loss(to_device(batch)), self.sparsity,
                                self.score, self.scope, self.include, self.exclude,
                                all_reduce=dist.all_reduce if _distributed() else None)

@@ -26,15 +26,29 @@ def eligible_parameters(model: nn.Module, include: Sequence[str] = (),
     return {n: p for n, p in model.named_parameters() if p.requires_grad and is_eligible(n, include, exclude)}
 
 
-def _example(batch, i: int):
-    """Example ``i`` of a batch of tensors (nested in tuples, lists and dicts), as a batch of one."""
+def _slice(batch, start: int, stop: int):
+    """Examples ``start:stop`` of a batch of tensors (nested in tuples, lists and dicts), as a batch."""
     if isinstance(batch, torch.Tensor):
-        return batch[i:i + 1]
+        return batch[start:stop]
     if isinstance(batch, Mapping):
-        return {k: _example(v, i) for k, v in batch.items()}
+        return {k: _slice(v, start, stop) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_example(v, i) for v in batch)
+        return type(batch)(_slice(v, start, stop) for v in batch)
     return batch
+
+
+def _example(batch, i: int):
+    """Example ``i`` of a batch, as a batch of one."""
+    return _slice(batch, i, i + 1)
+
+
+def rebatch(batches: Iterable, size: int) -> Iterable:
+    """``batches`` cut into batches of at most ``size`` examples: the scores are sums over examples, so this changes
+    them only by float rounding, and bounds the scoring pass's activations (its peak memory)."""
+    for batch in batches:
+        n = _batch_size(batch)
+        for start in range(0, n, size):
+            yield _slice(batch, start, start + size)
 
 
 def _leaves(batch):

@@ -26,8 +26,10 @@ FAST = ["model=tiny", "dataset=synthetic", "shots=4", "batch_size=8", "eval_batc
 
 
 @pytest.fixture(autouse=True)
-def _quiet_env(monkeypatch):
+def _quiet_env(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    # Each test its own cache: a zero-shot reference stored by one test (perhaps under a stub) never reaches another.
+    monkeypatch.setenv("SAFT_CACHE_DIR", str(tmp_path / "saft-cache"))
     torch.set_num_threads(2)
 
 

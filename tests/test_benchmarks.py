@@ -7,14 +7,28 @@ from conftest import run_script
 
 def test_efficiency_measures_both_methods_and_saft_writes_a_delta_of_k_entries(tmp_path):
     proc = run_script("benchmarks/efficiency.py", ["--model", "tiny", "--steps", "4", "--batch", "24", "--shots", "8",
-                                                   "--threads", "1"])
-    k = int(re.search(r"SAFT k=(\d+)", proc.stdout).group(1))
+                                                   "--threads", "1", "--json", str(tmp_path / "figures.json")])
+    k = int(re.search(r"SAFT mask gradient/global k=(\d+)", proc.stdout).group(1))
     ratio = float(re.search(r"\| delta file vs fp32 state dict \(bytes\) \| [^|]+ \| [^|]+ \| ([\d.]+) \|",
                             proc.stdout).group(1))
+    step = re.search(r"\| train step time \(s, median\) \| ([^|]+) \| ([^|]+) \| ([\d.]+) \|", proc.stdout)
     assert k == round(0.001 * 3385089)  # the tiny model's 0.1% (both towers)
     assert 0 < ratio <= 0.005  # the delta holds k entries, not the model
+    figures = json.loads((tmp_path / "figures.json").read_text())  # what it printed, as numbers
+    assert figures["k"] == k and figures["settings"]["attention"] == "batch_first"
+    assert figures["step_ratio"] == figures["figures"]["step"]["saft"] / figures["figures"]["step"]["full_ft"]
+    assert f"{figures['step_ratio']:.3f}" == step.group(3) and f"{figures['figures']['step']['saft']:.4g}" == step.group(2).strip()
+    rss = figures["figures"]["peak_rss"]
+    assert figures["peak_rss_ratio"] == rss["saft"] / rss["full_ft"] and rss["full_ft"] > 100  # MB of a real process
+
+
+def test_efficiency_trains_the_mask_and_attention_it_is_asked_for(tmp_path):
     one = run_script("benchmarks/efficiency.py", ["--child", "saft", "--out", str(tmp_path / "saft"), "--model", "tiny",
-                                                  "--steps", "2", "--batch", "24", "--shots", "8", "--threads", "1"])
+                                                  "--steps", "2", "--batch", "24", "--shots", "8", "--threads", "1",
+                                                  "--scope", "per_tensor", "--selection", "random", "--attention", "stock"])
     result = json.loads(next(ln for ln in one.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    assert len(result["steps"]) == 2 and result["k"] == k and json.loads((tmp_path / "saft" / "results.json")
-                                                                         .read_text())["num_changed"] <= k
+    trained = json.loads((tmp_path / "saft" / "results.json").read_text())
+    settings = trained["identity"]
+    assert (settings["method.mask.scope"], settings["method.mask.selection"]) == ("per_tensor", "random")
+    assert settings["model.batch_first_attention"] is False
+    assert len(result["steps"]) == 2 and trained["num_changed"] <= result["k"] == trained["mask"]["mask/k"]

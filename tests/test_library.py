@@ -299,3 +299,23 @@ def test_abs_sum_of_low_precision_parameters_accumulates_in_fp32(dtype):
     one_batch = gradient_sums(model, dict(model.named_parameters()), [torch.ones(300, 1, dtype=dtype)],
                               lambda m, x: m(x).reshape(-1), "abs_sum")
     assert float(one_batch["weight"]) == pytest.approx(300.0, rel=0.01)
+
+
+def test_rebatch_cuts_scoring_batches_without_changing_the_mask():
+    """method.mask.batch_size bounds the scoring pass's activations: the loss sees at most that many examples."""
+    from saft.select import rebatch
+    build, shape = MODELS[next(iter(MODELS))]
+    model, (x, y) = build(), data(shape)
+    seen = []
+
+    def spy(m, batch):
+        seen.append(len(batch[0]))
+        return loss_fn(m, batch)
+    whole = saft.select_mask(model, batches(x, y, 24), loss_fn, sparsity=0.05)
+    cut = saft.select_mask(model, rebatch(batches(x, y, 24), 5), spy, sparsity=0.05)
+    assert max(seen) == 5 and sum(seen) == len(x)
+    assert len(as_set(whole) ^ as_set(cut)) <= 2  # a float near-tie at the threshold at most
+    nested = list(rebatch([{"x": x[:7], "y": (y[:7],)}], 3))
+    assert [len(b["x"]) for b in nested] == [3, 3, 1] and torch.equal(torch.cat([b["y"][0] for b in nested]), y[:7])
+    with pytest.raises(ConfigError, match="batch_size"):
+        saft.SparseMaskCallback(batch_size=0)

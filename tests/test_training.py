@@ -148,3 +148,13 @@ def test_gradient_accumulation_keeps_entries_frozen(tmp_path):
     cfg, results = _train(tmp_path, "acc", ["trainer.accumulate_grad_batches=2", "sparsity=0.01",
                                             "method.optimizer.lr=0.01", "trainer.max_steps=3"])
     _assert_frozen_outside_mask(cfg, tmp_path / "acc", results)
+
+
+def test_the_scoring_batch_size_reaches_the_callback_and_is_not_part_of_the_identity(tmp_path):
+    import hydra
+    from saft.app.identity import run_identity
+    default = compose_cfg(tmp_path / "a", FAST)
+    cut = compose_cfg(tmp_path / "b", FAST + ["method.mask.batch_size=3"])
+    assert hydra.utils.instantiate(cut.method.mask).batch_size == 3
+    assert hydra.utils.instantiate(default.method.mask).batch_size is None
+    assert run_identity(cut).hash == run_identity(default).hash  # a batch cut changes sums by float rounding only

@@ -74,6 +74,7 @@ BAD = [
     # model
     (["model.name=''"], "model.name"), (["model.pretrained=5"], "model.pretrained"),
     (["model.init_seed=-1"], "model.init_seed"), (["model.force_quick_gelu=yes"], "model.force_quick_gelu"),
+    (["model.batch_first_attention=yes"], "model.batch_first_attention"), (["zeroshot_cache=maybe"], "zeroshot_cache"),
     ([*FMNIST, "model.pretrain.steps=0"], "model.pretrain.steps"),
     ([*FMNIST, "model.pretrain.batch_size=0"], "model.pretrain.batch_size"),
     ([*FMNIST, "model.pretrain.lr=0"], "model.pretrain.lr"),

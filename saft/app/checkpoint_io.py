@@ -12,7 +12,7 @@ from saft.errors import ConfigError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<name>.tmp`` beside the target, syncs it, then renames it: a kill leaves either the old
+    """Writes a temporary file beside the target, syncs it, then renames it: a kill leaves either the old
     file or the complete new one, never a truncated file under the real name. (Lightning's own save goes
     through a temporary file in /tmp and a copy, which is not atomic across filesystems.)"""
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 from saft.app import CONF_DIR
+from saft.app.attention import use_batch_first_attention
 from saft.errors import ConfigError
 
 # Architectures this project defines (e.g. the tiny test model) live beside the model configs.
@@ -19,11 +20,13 @@ open_clip.add_model_config(ARCH_DIR)
 
 
 def load_clip(name: str, pretrained: Optional[str] = None, init_seed: int = 0,
-              force_quick_gelu: bool = False):
+              force_quick_gelu: bool = False, batch_first_attention: bool = False):
     """Return ``(model, train_transform, eval_transform, tokenizer)`` for an open_clip architecture.
 
     ``pretrained`` is an open_clip tag (e.g. ``openai``), a local checkpoint file, or None for a random
-    init drawn with ``init_seed`` (the same base model for every training seed).
+    init drawn with ``init_seed`` (the same base model for every training seed). ``batch_first_attention``
+    runs the self-attention layers through :class:`saft.app.attention.BatchFirstAttention` (faster with frozen
+    projections; off in configs saved before it existed, so their runs evaluate as they trained).
     """
     if name not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip architecture {name!r}; add a JSON config to {ARCH_DIR} "
@@ -43,6 +46,8 @@ def load_clip(name: str, pretrained: Optional[str] = None, init_seed: int = 0,
             raise ConfigError(f"cannot load model.pretrained={pretrained} into {name}: "
                               f"{str(e).splitlines()[0][:300]}. The file is truncated, corrupt, not a CLIP "
                               f"state dict, or made for another architecture") from None
+    if batch_first_attention:
+        use_batch_first_attention(model)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
 
 

@@ -30,9 +30,11 @@ IGNORED = {  # patterns on flat keys (a key matches its own name, anything below
     "run_dir": "eval.py: the folder of the evaluated run (its settings are the rest of this identity)",
     "experiment_name": "a label for sweep folders and report tables; an experiment's settings are keys of their own",
     "eval_zeroshot": "adds the zero-shot reference measurement; the trained model and its metrics are unchanged",
+    "zeroshot_cache": "where the zero-shot reference comes from; a cached one holds the numbers a new test gives",
     "*num_workers": "augmentations are seeded per sample (EpochSeededSampler), so the worker count changes no batch",
     "*eval_batch_size": "evaluation and the mask's scoring pass see every example once whatever the batch; the "
                         "batch cut changes results only by float rounding",
+    "method.mask.batch_size": "the scoring pass sums over every example whatever the batch (as *eval_batch_size)",
     "logger": "where metrics are logged",
     "checkpoint": "when and where checkpoints are written; the final state is always saved",
     "trainer.enable_progress_bar": "display only",

@@ -50,8 +50,12 @@ def cache_path(name: str, spec: Mapping) -> Path:
     not name it, so that no file of an older recipe matches."""
     spec = {"version": RECIPE_VERSION, **{k: v for k, v in spec.items() if k not in ("data_dir", "download")}}
     digest = hashlib.sha256(json.dumps({"arch": name, **spec}, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("SAFT_CACHE_DIR", Path.home() / ".cache" / "saft"))
-    return root / f"{name}-{digest}.pt"
+    return cache_root() / f"{name}-{digest}.pt"
+
+
+def cache_root() -> Path:
+    """Where built artifacts are kept between runs: ``$SAFT_CACHE_DIR``, by default ``~/.cache/saft``."""
+    return Path(os.environ.get("SAFT_CACHE_DIR", Path.home() / ".cache" / "saft"))
 
 
 class StyledCaptions(Dataset):

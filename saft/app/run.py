@@ -39,6 +39,7 @@ from saft.app.identity import Identity, differences, run_identity, without
 from saft.app.results import ERROR, RESULTS, build_results, summary, write_json
 from saft.app.signals import StopOnSignal, cluster_plugins, owned
 from saft.app.validate import output_dir, validate
+from saft.app.zeroshot import zeroshot_metrics
 from saft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,7 @@ def _train(cfg: DictConfig) -> dict:
         trainer.logger.log_hyperparams(hyperparameters(cfg, identity))
     before = None
     if cfg.get("eval_zeroshot") and cfg.method.train:
-        with module.text_head_only():
-            trainer.test(module, datamodule=datamodule, verbose=False)
-        before = dict(module.results)
+        before = zeroshot_metrics(trainer, module, datamodule, cfg.get("zeroshot_cache", True))
     if cfg.method.train:
         # The datamodule skips the samples trained before a mid-epoch checkpoint (FewShotDataModule.state_dict),
         # so Lightning's warning that a non-resumable loader makes such a resume unreliable does not apply.
@@ -304,7 +303,7 @@ def write_artifacts(cfg, identity: Identity, module, datamodule, mask_callback, 
         extra["num_head"] = sum(p.numel() for p in module.head.parameters())
         num_trainable += extra["num_head"]
     if before:
-        extra["zeroshot_metrics"] = before
+        extra["zeroshot_metrics"], extra["zeroshot_from"] = before
     results = _results(cfg, identity, module, datamodule, num_trainable, num_changed(delta), extra)
     write_json(out / RESULTS, results)
     log.info("results: %s", out / RESULTS)
@@ -421,7 +420,9 @@ def _evaluate(cfg: DictConfig) -> dict:
         if module.head is not None:
             load_head(module.head, run_dir / HEAD, alpha)
         num_trainable, changed = trained["num_trainable"], num_changed(delta)
-        extra = {"run_dir": str(run_dir), "wise_alpha": alpha, **({"zeroshot_metrics": reference} if reference else {})}
+        extra = {"run_dir": str(run_dir), "wise_alpha": alpha}
+        if reference:
+            extra["zeroshot_metrics"], extra["zeroshot_from"] = reference
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = None
     if trainer.is_global_zero:
@@ -431,17 +432,15 @@ def _evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-def zeroshot_reference(cfg, identity: Identity, trained: dict, trainer, module, datamodule) -> Optional[dict]:
-    """The zero-shot metrics of exactly the data this evaluation tests (the reference its gains are measured from):
-    the training run's own when this evaluation has the training run's identity (WiSE-FT's alpha aside), else
-    measured now on the base model; none without ``eval_zeroshot``."""
+def zeroshot_reference(cfg, identity: Identity, trained: dict, trainer, module, datamodule):
+    """The zero-shot metrics of exactly the data this evaluation tests (the reference its gains are measured from)
+    and where they come from: the training run's own when this evaluation has the training run's identity
+    (WiSE-FT's alpha aside), else the base model's (saft.app.zeroshot: cached or measured now); None without
+    ``eval_zeroshot``."""
     if not cfg.get("eval_zeroshot"):
         return None
     same_sets = [s.name for s in datamodule.eval_sets()] == list(trained.get("zeroshot_metrics") or {})
     if same_sets and trained.get("identity") == without(identity.settings, ["wise_alpha"]):
         log.info("zero-shot reference: the training run's (same identity, same eval sets)")
-        return trained["zeroshot_metrics"]
-    log.info("zero-shot reference: measured now on this evaluation's data")
-    with module.text_head_only():
-        trainer.test(module, datamodule=datamodule, verbose=False)
-    return dict(module.results)
+        return trained["zeroshot_metrics"], "run"
+    return zeroshot_metrics(trainer, module, datamodule, cfg.get("zeroshot_cache", True))
