@@ -5,8 +5,9 @@
     python benchmarks/efficiency.py --scope per_tensor --selection random --json out.json   # other masks
     python benchmarks/efficiency.py --attention stock    # before saft.app.attention (both methods)
 
-Each method trains in its own subprocess (peak memory = that process's max RSS, model included), on the
-same synthetic few-shot set, batch size and machine, and the script prints the ratios side by side.
+Each method trains in its own subprocess (peak memory = that process's max RSS, model included; on a GPU also
+torch.cuda.max_memory_allocated), on the same few-shot set (procedural images, or JPEG folders with --imagenet),
+batch size and machine, and the script prints the ratios side by side. benchmarks/gpu_check.py runs it on a GPU.
 """
 import argparse
 import json
@@ -38,9 +39,17 @@ def child(args) -> dict:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    overrides = [f"model={args.model}", "model.pretrained=null", f"method={args.method}", "dataset=synthetic",
+    if args.imagenet:  # JPEG folders in ImageNet's layout, decoded by the default DataLoader workers
+        data = ["dataset=imagenet", f"data_dir={args.imagenet}", "~dataset.datamodule.variant_dirs",
+                "dataset.datamodule.templates=simple"]
+    else:  # procedural images drawn in the main process
+        data = ["dataset=synthetic", "dataset.datamodule.test_per_class=8"]
+    device = ["trainer=gpu" if args.accelerator == "gpu" else "trainer=cpu"]
+    if args.precision:
+        device.append(f"trainer.precision={args.precision}")
+    overrides = [f"model={args.model}", "model.pretrained=null", f"method={args.method}", *data, *device,
                  f"shots={args.shots}", f"batch_size={args.batch}", f"eval_batch_size={args.batch}",
-                 "dataset.datamodule.test_per_class=8", "trainer=cpu", f"trainer.max_steps={args.steps}",
+                 f"trainer.max_steps={args.steps}",
                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                  "trainer.check_val_every_n_epoch=1000", "trainer.gradient_clip_val=1.0",
                  "checkpoint.every_n_train_steps=100000", "logger=csv", "eval_zeroshot=false",
@@ -55,12 +64,16 @@ def child(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     timings = {"step": [], "mask": 0.0, "scores": 0.0}
+    cuda = args.accelerator == "gpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # a GPU step ends when its kernels do
 
     class Clock(pl.Callback):
         def on_train_batch_start(self, *a):
+            sync()
             self.t = time.perf_counter()
 
         def on_train_batch_end(self, *a):
+            sync()
             timings["step"].append(time.perf_counter() - self.t)
 
     def timed(method, key):
@@ -82,6 +95,7 @@ def child(args) -> dict:
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainer.fit(module, datamodule=datamodule)
     rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
     # Evaluation: the whole test loop vs the model alone on the same images already in memory.
     n_images = sum(len(s.items) for s in datamodule.eval_sets())
@@ -91,17 +105,25 @@ def child(args) -> dict:
     batches = [(torch.stack([datamodule.eval_transform(s.load(k)) for k, _ in s.items[i:i + args.batch]]), j)
                for j, s in enumerate(datamodule.eval_sets()) for i in range(0, len(s.items), args.batch)]
     module.eval()
-    with torch.no_grad():
+    precision = str(trainer.precision)  # the test loop's autocast, for the model alone too
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16 if precision.startswith("bf16")
+                              else torch.float16, enabled=precision.endswith("-mixed"))
+    with torch.no_grad(), autocast:
         heads = [module.eval_head(j) for j in range(len(datamodule.eval_sets()))]
+        sync()
         t = time.perf_counter()
         for images, j in batches:
-            module(images, heads[j]).argmax(-1)
+            module(images.to(module.device), heads[j]).argmax(-1)
+        sync()
         alone_ips = n_images / (time.perf_counter() - t)
 
     result = {"method": args.method, "steps": timings["step"], "mask_s": timings["mask"],
               "scores_s": timings["scores"],
               "steps_per_epoch": len(datamodule.train_dataloader()),
               "rss_start_mb": rss_before, "rss_model_mb": rss_model, "rss_peak_train_mb": rss_train,
+              "gpu_peak_mb": gpu_peak,
+              "attention": sorted({type(m).__name__ for m in module.model.modules()
+                                   if isinstance(m, torch.nn.MultiheadAttention)}),
               "eval_loop_ips": loop_ips, "eval_alone_ips": alone_ips,
               "state_dict_bytes": sum(p.numel() * p.element_size() for p in module.model.parameters())}
     if mask_cb is not None:
@@ -125,6 +147,11 @@ def main():
     parser.add_argument("--attention", choices=["batch_first", "stock"], default="batch_first",
                         help="self-attention of both methods: saft.app.attention (default) or nn.MultiheadAttention's")
     parser.add_argument("--json", metavar="PATH", help="also write the figures printed, ratios included, to PATH")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--precision", help="Lightning precision, e.g. bf16-mixed (default: the trainer config's)")
+    parser.add_argument("--imagenet", metavar="DIR", help="data_dir holding imagenet/ (CoOp's layout) of JPEGs; "
+                        "default: procedural images in memory")
+    parser.add_argument("--classes", type=int, default=6, help="classes of the data (6 for the procedural images)")
     parser.add_argument("--child", choices=["saft", "full_ft_text"])  # full FT of the towers SAFT masks
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -133,16 +160,18 @@ def main():
         print("RESULT " + json.dumps(child(args)))
         return
 
-    if (args.shots * 6) % args.batch or args.steps < 2 * (args.shots * 6 // args.batch):
-        sys.exit("use shots * 6 classes divisible by --batch and --steps >= two epochs, so every step has a full "
-                 "batch and a warm epoch can be timed")
+    if (args.shots * args.classes) % args.batch or args.steps < 2 * (args.shots * args.classes // args.batch):
+        sys.exit(f"use shots * {args.classes} classes divisible by --batch and --steps >= two epochs, so every step "
+                 f"has a full batch and a warm epoch can be timed")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("full_ft_text", "saft"):
             cmd = [sys.executable, __file__, "--child", method, "--out", f"{tmp}/{method}", "--model", args.model,
                    "--batch", str(args.batch), "--shots", str(args.shots), "--steps", str(args.steps),
                    "--threads", str(args.threads), "--scope", args.scope, "--selection", args.selection,
-                   "--attention", args.attention]
+                   "--attention", args.attention, "--accelerator", args.accelerator]
+            cmd += (["--precision", args.precision] if args.precision else []) + (
+                ["--imagenet", args.imagenet] if args.imagenet else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -163,6 +192,8 @@ def report(args, r):
         ("train step time (s, median)", step(ft), step(saft), step(saft) / step(ft), "<= 0.63"),
         ("peak memory (MB, process max RSS)", ft["rss_peak_train_mb"], saft["rss_peak_train_mb"],
          saft["rss_peak_train_mb"] / ft["rss_peak_train_mb"], "<= 0.75"),
+        *([("peak GPU memory (MB, torch.cuda.max_memory_allocated)", ft["gpu_peak_mb"], saft["gpu_peak_mb"],
+            saft["gpu_peak_mb"] / ft["gpu_peak_mb"], "(info)")] if ft.get("gpu_peak_mb") else []),
         ("training memory above the loaded model (MB)", ft["rss_peak_train_mb"] - ft["rss_model_mb"],
          saft["rss_peak_train_mb"] - saft["rss_model_mb"],
          (saft["rss_peak_train_mb"] - saft["rss_model_mb"]) / (ft["rss_peak_train_mb"] - ft["rss_model_mb"]), "(info)"),
@@ -174,7 +205,7 @@ def report(args, r):
         ("eval images/s: model alone vs whole loop", saft["eval_alone_ips"], saft["eval_loop_ips"],
          saft["eval_loop_ips"] / saft["eval_alone_ips"], ">= 0.9"),
     ]
-    print(f"\nmodel={args.model} batch={args.batch} shots={args.shots} (6 classes) steps={args.steps} "
+    print(f"\nmodel={args.model} batch={args.batch} shots={args.shots} ({args.classes} classes) steps={args.steps} "
           f"threads={args.threads} attention={args.attention}; SAFT mask {args.selection}/{args.scope} "
           f"k={saft['k']}, tensors frozen by the mask: {saft['frozen_tensors']}/{saft['tensors']}")
     print("| measure | full FT (or reference) | SAFT | ratio | target |\n|---|---|---|---|---|")
@@ -183,11 +214,14 @@ def report(args, r):
     print(f"(model loaded, before training: full FT {ft['rss_model_mb']:.0f} MB, SAFT {saft['rss_model_mb']:.0f} MB; "
           f"mask = {saft['scores_s']:.3g} s of gradient pass + {saft['mask_s'] - saft['scores_s']:.3g} s of top-k)")
     if args.json:
-        keys = ("step", "peak_rss", "train_rss", "mask_vs_ft_epoch", "mask_vs_saft_epoch", "delta", "eval_loop")
+        keys = ("step", "peak_rss", *(["peak_gpu"] if ft.get("gpu_peak_mb") else []), "train_rss",
+                "mask_vs_ft_epoch", "mask_vs_saft_epoch", "delta", "eval_loop")
         figures = {key: {"full_ft": a, "saft": b, "ratio": ratio} for key, (_, a, b, ratio, _) in zip(keys, rows)}
         Path(args.json).write_text(json.dumps({
             "settings": {k: getattr(args, k) for k in ("model", "batch", "shots", "steps", "threads", "scope",
-                                                       "selection", "attention")},
+                                                       "selection", "attention", "accelerator", "precision",
+                                                       "imagenet", "classes")},
+            "eval_images_per_s": {"loop": saft["eval_loop_ips"], "model_alone": saft["eval_alone_ips"]},
             "k": saft["k"], "frozen_tensors": saft["frozen_tensors"], "tensors": saft["tensors"],
             "step_ratio": figures["step"]["ratio"], "peak_rss_ratio": figures["peak_rss"]["ratio"],
             "figures": figures}, indent=1) + "\n")

@@ -46,8 +46,12 @@ def rebatch(batches: Iterable, size: int) -> Iterable:
     """``batches`` cut into batches of at most ``size`` examples: the scores are sums over examples, so this changes
     them only by float rounding, and bounds the scoring pass's activations (its peak memory)."""
     for batch in batches:
-        n = _batch_size(batch)
-        for start in range(0, n, size):
+        leaves = list(_leaves(batch))
+        if not leaves or any(not isinstance(x, torch.Tensor) or x.ndim == 0 for x in leaves):
+            raise ConfigError("method.mask.batch_size cuts the scoring batches into smaller ones, so a batch must be "
+                              "tensors with a batch dimension (in tuples, lists or dicts); set "
+                              "method.mask.batch_size=null to score the loader's batches as they are")
+        for start in range(0, len(leaves[0]), size):
             yield _slice(batch, start, start + size)
 
 

@@ -48,8 +48,9 @@ def test_calls_it_does_not_cover_take_the_stock_path_bit_for_bit():
     q, kv = torch.randn(2, 5, 32), torch.randn(2, 6, 32)
     padding = torch.zeros(2, 5, dtype=torch.bool)
     padding[:, -1] = True
+    per_head = torch.zeros(2 * 4, 5, 5)
     for args, kwargs in (((q, kv, kv), {}), ((q, q, q), {"key_padding_mask": padding}),
-                         ((q, q, q), {"need_weights": True})):
+                         ((q, q, q), {"need_weights": True}), ((q, q, q), {"attn_mask": per_head})):
         a, b = stock(*args, **kwargs), fast(*args, **kwargs)
         assert torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None)
 
@@ -78,3 +79,15 @@ def test_the_whole_model_trains_the_same_with_most_of_it_frozen():
     assert len(grads[0]) == 2 + 4  # conv1, the token embedding and the MLPs of saft-tiny's 2 + 2 blocks
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], **TOL)
+
+
+def test_bf16_autocast_and_eval_mode_match_the_stock_module():
+    stock, fast = _pair(True)
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = stock(x, x, x, need_weights=False)[0], fast(x, x, x, need_weights=False)[0]
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)  # bf16's 8-bit mantissa
+    stock.eval(), fast.eval()
+    with torch.no_grad():  # the stock module's own inference fast path
+        torch.testing.assert_close(fast(x, x, x, need_weights=False)[0], stock(x, x, x, need_weights=False)[0], **TOL)

@@ -30,5 +30,25 @@ def test_efficiency_trains_the_mask_and_attention_it_is_asked_for(tmp_path):
     trained = json.loads((tmp_path / "saft" / "results.json").read_text())
     settings = trained["identity"]
     assert (settings["method.mask.scope"], settings["method.mask.selection"]) == ("per_tensor", "random")
-    assert settings["model.batch_first_attention"] is False
+    assert result["attention"] == ["MultiheadAttention"]  # the stock module: no BatchFirstAttention
     assert len(result["steps"]) == 2 and trained["num_changed"] <= result["k"] == trained["mask"]["mask/k"]
+
+
+def test_the_gpu_check_runs_both_methods_on_jpeg_folders(tmp_path):
+    """On this CPU machine: the same script a CUDA machine runs, with the tiny model (--cpu)."""
+    proc = run_script("benchmarks/gpu_check.py", ["--cpu", "--model", "tiny", "--classes", "4", "--shots", "4",
+                                                  "--batch", "8", "--val", "3", "--precision", "32-true",
+                                                  "--json", str(tmp_path / "gpu.json")])
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert figures["settings"]["imagenet"] and figures["settings"]["classes"] == 4
+    assert figures["eval_images_per_s"]["loop"] > 0 and figures["step_ratio"] > 0
+    assert "wrote 4 x (8 + 3) JPEGs" in proc.stdout
+
+
+def test_the_gpu_check_says_when_there_is_no_gpu():
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_script("benchmarks/gpu_check.py", [], check=False)
+    assert proc.returncode != 0 and "no CUDA device is visible" in proc.stderr and "--cpu" in proc.stderr

@@ -317,5 +317,7 @@ def test_rebatch_cuts_scoring_batches_without_changing_the_mask():
     assert len(as_set(whole) ^ as_set(cut)) <= 2  # a float near-tie at the threshold at most
     nested = list(rebatch([{"x": x[:7], "y": (y[:7],)}], 3))
     assert [len(b["x"]) for b in nested] == [3, 3, 1] and torch.equal(torch.cat([b["y"][0] for b in nested]), y[:7])
+    with pytest.raises(ConfigError, match="method.mask.batch_size=null"):
+        list(rebatch([(x[:3], ["a", "b", "c"])], 2))  # a field that cannot be cut
     with pytest.raises(ConfigError, match="batch_size"):
         saft.SparseMaskCallback(batch_size=0)

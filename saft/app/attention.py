@@ -40,12 +40,13 @@ class BatchFirstAttention(nn.MultiheadAttention):
 
     @staticmethod
     def _float_mask(attn_mask: Optional[torch.Tensor], query: torch.Tensor):
-        """The stock module's 2-D mask as an additive float mask (a boolean True is a masked position, the
-        opposite of SDPA's booleans); ``False`` for a mask this path does not take (3-D, per head)."""
+        """The stock module's (L, L) mask as an additive float mask (a boolean True is a masked position, the
+        opposite of SDPA's booleans); ``False`` for a mask this path does not take (3-D, per head, broadcast)."""
         if attn_mask is None:
             return None
-        if attn_mask.dim() != 2:
-            return False
+        length = query.shape[1]
+        if attn_mask.shape != (length, length) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            return False  # the stock module checks (and refuses) other shapes
         if attn_mask.dtype == torch.bool:
             return torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
                 attn_mask, float("-inf"))

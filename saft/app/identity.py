@@ -34,6 +34,8 @@ IGNORED = {  # patterns on flat keys (a key matches its own name, anything below
     "*num_workers": "augmentations are seeded per sample (EpochSeededSampler), so the worker count changes no batch",
     "*eval_batch_size": "evaluation and the mask's scoring pass see every example once whatever the batch; the "
                         "batch cut changes results only by float rounding",
+    "model.batch_first_attention": "the same attention computed without a transpose: results differ by float rounding "
+                                   "only (tests/test_attention.py), so older runs resume and report with newer ones",
     "method.mask.batch_size": "the scoring pass sums over every example whatever the batch (as *eval_batch_size)",
     "logger": "where metrics are logged",
     "checkpoint": "when and where checkpoints are written; the final state is always saved",
