@@ -61,6 +61,10 @@ def test_eval_of_a_run_reproduces_its_metrics_exactly(trained, tmp_path):
     # The weights evaluated are the trained ones bit for bit (a partly applied delta would differ) ...
     final = {n[len("model."):]: t for n, t in checkpoint(trained)["state_dict"].items() if n.startswith("model.")}
     assert evaluated["weights_sha256"] == trained_results["weights_sha256"] == state_checksum(final)
+    # ... and both name the base they started from, which the delta was made against
+    from saft.app.clip import load_clip
+    base = state_checksum(load_clip("saft-tiny", None, 0)[0].state_dict())
+    assert evaluated["base_sha256"] == trained_results["base_sha256"] == base != trained_results["weights_sha256"]
     assert trained_results["num_changed"] > 0
     for key in ("method", "model", "num_trainable", "num_changed", "shots", "seed"):
         assert evaluated[key] == trained_results[key]
@@ -78,6 +82,7 @@ def test_eval_without_run_dir_is_zero_shot(trained, tmp_path):
     assert zs["method"] == "zeroshot" and zs["num_changed"] == zs["num_trainable"] == 0
     assert zs["metrics"] != read_results(trained)["metrics"]
     assert zs["weights_sha256"] != read_results(trained)["weights_sha256"]
+    assert zs["base_sha256"] == zs["weights_sha256"] == read_results(trained)["base_sha256"]
 
 
 def test_multirun_over_methods_with_max_epochs_and_wandb_offline(tmp_path):

@@ -304,6 +304,7 @@ def write_artifacts(cfg, identity: Identity, module, datamodule, mask_callback, 
         num_trainable += extra["num_head"]
     if before:
         extra["zeroshot_metrics"], extra["zeroshot_from"] = before
+    extra["base_sha256"] = state_checksum(base)
     results = _results(cfg, identity, module, datamodule, num_trainable, num_changed(delta), extra)
     write_json(out / RESULTS, results)
     log.info("results: %s", out / RESULTS)
@@ -405,11 +406,11 @@ def _evaluate(cfg: DictConfig) -> dict:
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(hyperparameters(cfg, identity))
     num_trainable = changed = 0
-    extra = {}
+    extra = {"base_sha256": state_checksum(module.model.state_dict())}
     if run_dir is not None:
         trained = json.loads((run_dir / RESULTS).read_text())
         delta, metadata = load_delta(run_dir / DELTA)
-        if metadata.get("base_sha256") != state_checksum(module.model.state_dict()):
+        if metadata.get("base_sha256") != extra["base_sha256"]:
             raise ConfigError(f"{run_dir / DELTA} was made for another base model (checksum differs from "
                               f"{cfg.model.name} / {cfg.model.pretrained}); evaluate it with its own base")
         reference = zeroshot_reference(cfg, identity, trained, trainer, module, datamodule)
@@ -420,7 +421,7 @@ def _evaluate(cfg: DictConfig) -> dict:
         if module.head is not None:
             load_head(module.head, run_dir / HEAD, alpha)
         num_trainable, changed = trained["num_trainable"], num_changed(delta)
-        extra = {"run_dir": str(run_dir), "wise_alpha": alpha}
+        extra.update(run_dir=str(run_dir), wise_alpha=alpha)
         if reference:
             extra["zeroshot_metrics"], extra["zeroshot_from"] = reference
     trainer.test(module, datamodule=datamodule, verbose=False)
