@@ -410,3 +410,27 @@ def test_the_picture_draws_the_chosen_methods_within_the_chosen_axes(tmp_path):
     labels, xlim, ylim = plot_id_vs_ood(curves, (20.0, 78.0), tmp_path / "b.png", wise)
     assert "coop" in labels and xlim[0] < 10.0 and ylim[0] < 20.0  # every method, axes that hold them all
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_runs_from_different_pre_trained_weights_are_never_seeds_of_one_configuration(tmp_path):
+    """Two machines can rebuild the benchmark CLIP with other bits: a run from each, one seed, is not a duplicate,
+    and seeds from two bases are not averaged; with one base nothing changes."""
+    def write(name, result, base):
+        (tmp_path / "runs" / name / ".hydra").mkdir(parents=True)
+        (tmp_path / "runs" / name / ".hydra" / "config.yaml").write_text("{}\n")
+        (tmp_path / "runs" / name / "results.json").write_text(json.dumps({**_identified(result), "base_sha256": base}))
+
+    write("a1", _run("saft", 1, 25.0, 79.0, 1e-3), "aaa")
+    write("a2", _run("saft", 2, 27.0, 77.0, 1e-3), "aaa")
+    report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "one")])
+    assert {k: v["a n"] for k, v in _rows(tmp_path / "one" / "summary.csv").items()} == {"saft": "2"}
+    assert "pre-trained weights" not in (tmp_path / "one" / "report.md").read_text()
+
+    write("b1", _run("saft", 1, 40.0, 60.0, 1e-3), "bbb")
+    report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "two")])
+    rows = _rows(tmp_path / "two" / "summary.csv")
+    assert {k: v["a n"] for k, v in rows.items()} == {"saft, base_sha256=aaa": "2", "saft, base_sha256=bbb": "1"}
+    assert float(rows["saft, base_sha256=aaa"]["a mean"]) == pytest.approx(26.0)
+    markdown = (tmp_path / "two" / "report.md").read_text()
+    assert "3 finished runs" in markdown and "duplicate" not in markdown
+    assert "m: runs started from 2 different pre-trained weights (aaa, bbb)" in markdown

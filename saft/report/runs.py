@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from saft.app.identity import digest, run_identity, without
+from saft.app.identity import Identity, digest, run_identity, without
 from saft.app.results import ERROR, RESULTS, summary
 
 # The learning rate a trade-off curve runs over: the method's lr and the shared scale that sets it.
@@ -26,6 +26,7 @@ class Runs:
     unfinished: List[Path] = field(default_factory=list)
     planned: List[dict] = field(default_factory=list)  # failed and unfinished runs: their summary and identity
     duplicates: List[Tuple[str, str]] = field(default_factory=list)  # (left-out run dir, the kept run's dir)
+    bases: Dict[str, List[str]] = field(default_factory=dict)  # model -> its base checksums, where runs differ
 
 
 def _identified(run: dict, config: Path) -> dict:
@@ -50,8 +51,26 @@ def collect(dirs: Sequence[Path]) -> Runs:
                 runs.unfinished.append(run_dir)
             cfg = OmegaConf.load(config)
             runs.planned.append({**summary(cfg), **run_identity(cfg).as_results(), "dir": str(run_dir)})
+    runs.finished, runs.bases = apart_by_base(runs.finished)
     runs.finished, runs.duplicates = without_duplicates(without_reevaluations(runs.finished))
     return runs
+
+
+def apart_by_base(finished: List[dict]) -> Tuple[List[dict], Dict[str, List[str]]]:
+    """The config names a model, but a machine that rebuilds it (the benchmark CLIP) can get other bits: where
+    the runs of one model started from different weights (results.json ``base_sha256``), ``model.base_sha256``
+    joins their identity, so they are other configurations (labelled by it) and never seeds of one."""
+    by_model: Dict[str, set] = {}
+    for r in finished:
+        by_model.setdefault(r["identity"].get("model.name", r.get("model")), set()).add(r.get("base_sha256"))
+    mixed = {model: sorted(b or "unrecorded" for b in bases) for model, bases in by_model.items() if len(bases) > 1}
+    out = []
+    for r in finished:
+        if r["identity"].get("model.name", r.get("model")) in mixed:
+            identity = dict(sorted({**r["identity"], "model.base_sha256": r.get("base_sha256") or "unrecorded"}.items()))
+            r = {**r, **Identity(identity, r.get("seed_keys", ["seed"]), r.get("method_keys", [])).as_results()}
+        out.append(r)
+    return out, mixed
 
 
 def without_reevaluations(finished: List[dict]) -> List[dict]:

@@ -365,6 +365,8 @@ def write_report(dirs: Sequence[Path], out: Path, plot: Optional[dict] = None) -
     status = [f"{len(runs.finished)} finished runs, {len(runs.failed)} failed, {len(runs.unfinished)} unfinished."]
     status += [f"- failed: {d} ({msg.splitlines()[0]})" for d, msg in runs.failed]
     status += [f"- unfinished: {d}" for d in runs.unfinished]
+    status += [f"- {model}: runs started from {len(bases)} different pre-trained weights ({', '.join(bases)}); "
+               f"their rows are kept apart by `base_sha256`" for model, bases in runs.bases.items()]
     status += [f"- duplicate: {d} has the configuration and seed of {kept} (left out: a seed counts once)"
                for d, kept in runs.duplicates]
     (out / "report.md").write_text("\n".join(status) + "\n\n" + "\n".join(to_markdown(t) for t in tables))
