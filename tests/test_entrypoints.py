@@ -1,7 +1,6 @@
 """train.py and eval.py as a user runs them: subprocesses, real configs, files on disk."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

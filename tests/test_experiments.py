@@ -434,3 +434,31 @@ def test_runs_from_different_pre_trained_weights_are_never_seeds_of_one_configur
     markdown = (tmp_path / "two" / "report.md").read_text()
     assert "3 finished runs" in markdown and "duplicate" not in markdown
     assert "m: runs started from 2 different pre-trained weights (aaa, bbb)" in markdown
+
+
+def test_a_sweep_run_again_with_finished_skip_runs_only_what_is_missing(sweep, tmp_path):
+    again = tmp_path / "sweep"
+    shutil.copytree(sweep, again)
+    jobs = sorted(p.parent for p in again.glob("*/results.json"))
+    missing, kept = jobs[0], jobs[1:]
+    before = {d: ((d / "results.json").read_bytes(), (d / "results.json").stat().st_mtime_ns) for d in kept}
+    expected = read_results(missing)
+    shutil.rmtree(missing)  # a job the killed sweep never ran
+    command = ["-m", "method=saft,full_ft", "seed=1,2", "method.optimizer.lr=1e-3", *SWEEP, f"hydra.sweep.dir={again}"]
+    refused = run_script("train.py", command, check=False)
+    assert refused.returncode != 0 and "with finished=skip" in refused.stderr  # the default still refuses
+    saved = {d: (d / ".hydra" / "config.yaml").read_bytes() for d in kept}
+    run_script("train.py", [*command, "finished=skip"])
+    assert all(((d / "results.json").read_bytes(), (d / "results.json").stat().st_mtime_ns) == before[d] for d in kept)
+    rerun = read_results(missing)
+    assert rerun["identity_hash"] == expected["identity_hash"] and rerun["weights_sha256"] == expected["weights_sha256"]
+    # A finished folder asked to hold another run (its learning rate differs): refused, nothing overwritten.
+    first = read_results(kept[0])
+    other = run_script("train.py", [f"method={first['method']}", f"seed={first['seed']}", "method.optimizer.lr=2e-3",
+                                    *SWEEP, f"hydra.run.dir='{kept[0]}'", "finished=skip"], check=False)
+    assert other.returncode != 0 and "holds the results of another run (method.optimizer.lr" in other.stderr
+    assert all((d / "results.json").read_bytes() == before[d][0] for d in kept)
+    run_script("train.py", [*command[:2], "seed=1", *command[3:], "finished=skip"])  # the seed-2 runs get no job
+    # ... and their saved configs, which eval.py run_dir= reads back, are still theirs
+    assert all((d / ".hydra" / "config.yaml").read_bytes() == saved[d] for d in kept)
+    assert not list(again.glob("*/.hydra.finished"))

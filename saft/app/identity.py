@@ -26,6 +26,7 @@ from saft.app import CONF_DIR
 
 IGNORED = {  # patterns on flat keys (a key matches its own name, anything below it, or an fnmatch pattern)
     "hydra": "Hydra's output folders, launcher and job settings",
+    "finished": "what a job does when its dir already holds this run's results; it never changes them",
     "ckpt_path": "where a resume starts from; the resume check compares the identities themselves",
     "run_dir": "eval.py: the folder of the evaluated run (its settings are the rest of this identity)",
     "experiment_name": "a label for sweep folders and report tables; an experiment's settings are keys of their own",

@@ -196,6 +196,9 @@ def train(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig) -> dict:
     validate(cfg)
     identity = run_identity(cfg)
+    done = finished_results(identity)
+    if done is not None:
+        return done
     ckpt_path = resume_path(cfg) if cfg.method.train else None
     if ckpt_path:
         check_resume(ckpt_path, identity)
@@ -233,6 +236,21 @@ def _train(cfg: DictConfig) -> dict:
         trainer.logger.log_image(key="mask_blocks", images=[str(output_dir() / "mask_blocks.png")])
     finish(trainer)
     return results
+
+
+def finished_results(identity: Identity) -> Optional[dict]:
+    """With ``finished=skip`` (validate refuses a finished dir otherwise): the results this job dir already holds
+    when they are this run's; a dir that finished another run is refused, so nothing is overwritten."""
+    path = output_dir() / RESULTS
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("identity_hash") != identity.hash:
+        changed = differences(done.get("identity", {}), identity.settings)
+        raise ConfigError(f"{path.parent} holds the results of another run ({', '.join(changed[:5]) or 'identity'} "
+                          f"differ); finished=skip only skips the same run: choose another hydra.run.dir / hydra.sweep.dir")
+    log.info("%s already holds this run's results: skipped (finished=skip)", path.parent)
+    return done
 
 
 def hyperparameters(cfg: DictConfig, identity: Identity) -> dict:

@@ -182,6 +182,7 @@ TOP = (  # top-level keys, in the order they are checked (lr_scale before the lr
     Rule("lr_scale", number("> 0"), "1.0"),
     Rule("eval_zeroshot", BOOL, "true"),
     Rule("zeroshot_cache", BOOL, "false"),
+    Rule("finished", choice("refuse", "skip"), "skip"),
     Rule("batch_size", integer(1), "32"),
     Rule("eval_batch_size", integer(1), "64"),
     Rule("num_workers", integer(0), "4"),
@@ -425,9 +426,9 @@ def validate(cfg: DictConfig) -> None:
     check_resolves(cfg)
     _cross_checks(cfg)
     out = output_dir()
-    if (out / RESULTS).exists():
+    if (out / RESULTS).exists() and read(cfg, "finished", "refuse") != "skip":
         raise ConfigError(f"{out} already holds finished results ({RESULTS}); choose another hydra.run.dir "
-                          f"so they are not overwritten")
+                          f"so they are not overwritten, or finished=skip to run again only what is not finished")
     ckpt = read(cfg, "ckpt_path", None)
     if ckpt and ckpt != "last" and not (isinstance(ckpt, str) and Path(ckpt).is_file()):
         raise ConfigError(f"ckpt_path={ckpt} is not a file; give a checkpoint of this run "
