@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from datamodules.base import EvalSet, FewShotDataModule, key_rng
+from saft.atomic import atomic_path
 from saft.errors import ConfigError
 
 STYLES = ("photo", "sketch", "negative", "painting", "noisy")
@@ -42,10 +43,9 @@ def load_fashion_mnist(data_dir: str, download: bool = False):
                        if all((d / f"{f}.gz").is_file() for f in FILES)), None)
         if source is not None:
             raw.mkdir(parents=True, exist_ok=True)
-            for f in FILES:
-                with gzip.open(source / f"{f}.gz") as src, open(raw / f"{f}.tmp", "wb") as dst:
+            for f in FILES:  # concurrent first jobs of a sweep each write their own temporary file
+                with atomic_path(raw / f) as tmp, gzip.open(source / f"{f}.gz") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-                (raw / f"{f}.tmp").replace(raw / f)
         elif not download:
             raise ConfigError(f"Fashion-MNIST not found in {DEBIAN_DIR} or {Path(data_dir) / 'fashion-mnist'}: "
                               f"{HOW_TO_GET}")

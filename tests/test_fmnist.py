@@ -325,3 +325,20 @@ def test_tradeoff_experiment_writes_table_and_plot(pretrained, tmp_path):
     assert "| saft, mask.exclude=[], sparsity=0.001 |" in summary
     assert '| saft, mask.exclude=["conv1","embedding"], sparsity=0.01 |' in summary
     assert (tmp_path / "report" / "id_vs_ood.png").stat().st_size > 5000
+
+
+def _load_after(barrier, data_dir):
+    barrier.wait()
+    return fm.load_fashion_mnist(data_dir)[0].sum()
+
+
+def test_concurrent_first_jobs_unpack_the_data_side_by_side(arrays, tmp_path):
+    """The first jobs of a parallel sweep unpack Debian's files into one empty data_dir at the same time: each
+    writes its own temporary files, so none finds its file renamed away by another."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")  # a forked child of a process that ran torch can hang in torch's thread pool
+    barrier = ctx.Manager().Barrier(3)
+    with ctx.Pool(3) as pool:
+        sums = pool.starmap(_load_after, [(barrier, str(tmp_path))] * 3)
+    assert sums == [arrays[0].sum()] * 3
+    assert not list((tmp_path / "FashionMNIST" / "raw").glob("*.tmp"))
