@@ -1,6 +1,7 @@
 """Experiment configs, sweeps (local and through submitit), and the report built from finished runs."""
 import csv
 import json
+import re
 import shutil
 import statistics
 
@@ -462,3 +463,32 @@ def test_a_sweep_run_again_with_finished_skip_runs_only_what_is_missing(sweep, t
     # ... and their saved configs, which eval.py run_dir= reads back, are still theirs
     assert all((d / ".hydra" / "config.yaml").read_bytes() == saved[d] for d in kept)
     assert not list(again.glob("*/.hydra.finished"))
+
+
+def test_job_folders_are_the_swept_values_short_and_safe_whatever_the_number_of_overrides(tmp_path):
+    from saft.app.folders import MAX_NAME, job_folder
+    many = [f"dataset.datamodule.option_{i}=[a,b/c,{i}]" for i in range(12)] + ["method=saft", "seed=1"]
+    exclude = ["finished", "data_dir"]
+    names = {job_folder(many[:-1] + [f"seed={s}"], exclude, tmp_path / "none") for s in (1, 2)}
+    assert len(names) == 2  # two jobs that differ only past the cut still get two folders
+    for name in names:
+        assert len(name) <= MAX_NAME and re.fullmatch(r"[A-Za-z0-9._+-]+", name), name
+    # with Hydra's multirun.yaml, only what the sweep varies (on its command line or in hydra.sweeper.params)
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task: ['method=saft,full_ft', shots=4, finished=skip]\n"
+        "  sweeper:\n    params: {seed: '1,2,3'}\n")
+    assert job_folder(["method=full_ft", "shots=4", "finished=skip", "seed=3"], exclude, tmp_path) == \
+        "method-full_ft_seed-3"
+
+
+def test_a_sweeps_folders_name_its_values_and_go_back_to_eval_unquoted(sweep, tmp_path):
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["method-full_ft_seed-1", "method-full_ft_seed-2", "method-saft_seed-1", "method-saft_seed-2"]
+    proc = run_script("eval.py", [f"run_dir={sweep / jobs[2]}", "wise_alpha=0.5", "trainer.enable_progress_bar=false"],
+                      cwd=tmp_path)
+    out = next((tmp_path / "outputs" / "eval" / "synthetic" / jobs[2]).iterdir())  # named by what it evaluated
+    results = read_results(out)
+    assert results["wise_alpha"] == 0.5 and results["dataset"] == "synthetic"
+    printed = proc.stdout + proc.stderr
+    assert f"results: {out / 'results.json'}" in printed
+    assert f"| saft, WiSE-FT α=0.5 | {results['metrics']['photo']['top1']:.2f} |" in proc.stdout

@@ -8,3 +8,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the Hydra configs, be
 
 # ${mul:a,b}: configs scale a method's base learning rate by the sweepable ``lr_scale``.
 OmegaConf.register_new_resolver("mul", lambda *values: math.prod(values), replace=True)
+
+from saft.app import folders  # noqa: E402  (the resolvers of the output folders' names)
+
+folders.register()

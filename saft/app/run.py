@@ -287,7 +287,8 @@ def comparison_table(results: dict) -> str:
     sets = [results["id"], *results["ood"]]
     header = "| | " + " | ".join(f"{s} (ID)" if s == results["id"] else s for s in sets) + " | OOD mean |"
     rows = [header, "|---" * (len(sets) + 2) + "|"]
-    for label, metrics in (("zero-shot", results.get("zeroshot_metrics")), (results["method"], results["metrics"])):
+    name = results["method"] if results.get("wise_alpha") is None else f"{results['method']}, WiSE-FT α={results['wise_alpha']}"
+    for label, metrics in (("zero-shot", results.get("zeroshot_metrics")), (name, results["metrics"])):
         if metrics:
             ood = [metrics[s]["top1"] for s in results["ood"]]
             mean = f"{sum(ood) / len(ood):.2f}" if ood else "-"
@@ -296,7 +297,7 @@ def comparison_table(results: dict) -> str:
     if before and results["ood"]:
         id_gain = results["metrics"][results["id"]]["top1"] - before[results["id"]]["top1"]
         ood = [results["metrics"][s]["top1"] - before[s]["top1"] for s in results["ood"]]
-        rows.append(f"\n{results['method']} changed {results['num_changed']:,} of {results['num_params']:,} entries: "
+        rows.append(f"\n{name} changed {results['num_changed']:,} of {results['num_params']:,} entries: "
                     f"ID {id_gain:+.2f}, OOD mean {sum(ood) / len(ood):+.2f} points against zero-shot. "
                     f"How to read this: docs/cpu-benchmark.md")
     return "\n".join(rows)
@@ -447,6 +448,8 @@ def _evaluate(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         results = _results(cfg, identity, module, datamodule, num_trainable, changed, extra)
         write_json(output_dir() / RESULTS, results)
+        log.info("results: %s", output_dir() / RESULTS)
+        print(comparison_table(results))
     finish(trainer)
     return results
 
