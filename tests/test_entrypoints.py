@@ -1,5 +1,6 @@
 """train.py and eval.py as a user runs them: subprocesses, real configs, files on disk."""
 import json
+import re
 import shutil
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg, read_results, run_script
+from conftest import FAST, changed_entries, checkpoint, ckpt_masks, ckpt_params, compose_cfg, read_results, run_script
 from saft.app import run
 from saft.delta import state_checksum
 from saft.select import select_mask
@@ -201,3 +202,18 @@ def test_wise_ft_blends_a_run_with_its_base_exactly_at_the_ends(trained, tmp_pat
     proc = run_script("eval.py", [f"run_dir={trained}", "wise_alpha=1.5", f"hydra.run.dir={tmp_path / 'bad'}"],
                       check=False)
     assert proc.returncode == 2 and "wise_alpha=1.5 must be null or a number in [0, 1]" in proc.stderr
+
+
+def test_a_log_gets_plain_progress_lines_not_a_redrawn_bar(tmp_path):
+    """stdout is a pipe here, as in SLURM or CI: one line per log_every_n_steps steps, with step/total, loss, lr,
+    samples/s and ETA, and none of a bar's carriage returns or cursor escapes."""
+    args = [a for a in FAST if "enable_progress_bar" not in a]
+    proc = run_script("train.py", [*args, "trainer.log_every_n_steps=2", f"hydra.run.dir={tmp_path}"])
+    printed = proc.stdout + proc.stderr
+    assert "\r" not in printed and "\x1b[" not in printed
+    lines = [line for line in printed.splitlines() if "saft.app.progress" in line]
+    assert [re.search(r"step (\d+)/6", line).group(1) for line in lines] == ["2", "4", "6"]
+    for line in lines:
+        assert re.search(r"train/loss [\d.]+ \| lr [\d.]+e[+-]\d+ \| [\d.]+ samples/s \| ETA \d+:\d\d:\d\d$", line), line
+    assert max(len(line) for line in printed.splitlines()) < 400
+    assert lines == [line for line in (tmp_path / "train.log").read_text().splitlines() if "saft.app.progress" in line]
