@@ -217,3 +217,14 @@ def test_a_log_gets_plain_progress_lines_not_a_redrawn_bar(tmp_path):
         assert re.search(r"train/loss [\d.]+ \| lr [\d.]+e[+-]\d+ \| [\d.]+ samples/s \| ETA \d+:\d\d:\d\d$", line), line
     assert max(len(line) for line in printed.splitlines()) < 400
     assert lines == [line for line in (tmp_path / "train.log").read_text().splitlines() if "saft.app.progress" in line]
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_help_describes_the_app_its_groups_and_the_everyday_commands(script):
+    printed = run_script(script, ["--help"]).stdout
+    assert printed.startswith(f"saft {script}: ")
+    groups = dict(line.split(": ", 1) for line in printed.splitlines() if line.split(": ")[0] in ("method", "dataset"))
+    assert {"saft", "full_ft", "flyp", "lp_ft"} <= set(groups["method"].split(", "))  # read from conf/, not listed
+    assert "fmnist_styles" in groups["dataset"].split(", ")
+    for command in ("python train.py -m", "finished=skip", "python eval.py run_dir=", "python -m saft.report"):
+        assert command in printed
