@@ -1,5 +1,6 @@
 """Every benchmark dataset read from miniature copies of its real layout."""
 import json
+import shutil
 
 import pytest
 
@@ -170,3 +171,45 @@ def test_eval_and_train_on_every_dataset_end_to_end(data, tmp_path):
     b, n = trained["metrics"]["base"]["top1"], trained["metrics"]["new"]["top1"]
     assert trained["hm"] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)
     assert trained["metrics"]["new"]["n"] == 2 * 4 and trained["metrics"]["dtd"]["n"] == 5 * 4
+
+
+def _image_folder(root, classes=("red_fox", "owl", "cat"), counts=(("train", 5), ("val", 2), ("test", 3))):
+    from PIL import Image
+    for split, n in counts:
+        for label, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (24, 24), (40 * label, 10 * i, 90)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_a_folder_of_ones_own_images_trains_and_evaluates_with_config_only(tmp_path):
+    root = _image_folder(tmp_path / "animals")
+    common = ["model=tiny", "dataset=imagefolder", "dataset.name=animals", "num_workers=0",
+              "trainer.enable_progress_bar=false"]
+    run_script("train.py", [*common, f"dataset.datamodule.root={root}", "shots=2", "trainer.max_steps=2",
+                            "method=lp_ft", f"hydra.run.dir={tmp_path / 'run'}"])
+    trained = read_results(tmp_path / "run")
+    assert trained["dataset"] == "animals" and trained["id"] == "animals" and trained["ood"] == []
+    assert trained["metrics"]["animals"]["n"] == 9
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert sorted(label for _, label in split["train"]) == [0, 0, 1, 1, 2, 2]
+    assert {path.split("/")[1] for path, _ in split["train"]} == {"red_fox", "owl", "cat"}
+    from saft.app.run import read_head_file
+    assert read_head_file(tmp_path / "run" / "head.safetensors")["classnames"] == ["cat", "owl", "red fox"]
+    run_script("eval.py", [f"run_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'eval'}"])
+    assert read_results(tmp_path / "eval")["metrics"] == trained["metrics"]
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda root: shutil.rmtree(root / "test"), "test does not exist"),
+    (lambda root: shutil.rmtree(root / "val" / "owl"), "has other class folders"),
+    (lambda root: [p.unlink() for p in (root / "train" / "cat").iterdir()], "class folders with no images"),
+])
+def test_a_malformed_image_folder_is_named_before_the_model_loads(tmp_path, breakage, message):
+    root = _image_folder(tmp_path / "animals")
+    breakage(root)
+    proc = run_script("train.py", ["dataset=imagefolder", f"dataset.datamodule.root={root}", "model.name=NoSuchArch",
+                                   f"hydra.run.dir={tmp_path / 'r'}"], check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "root/train/<class>/*.jpg" in proc.stderr
+    assert "NoSuchArch" not in proc.stderr and "Traceback" not in proc.stderr

@@ -101,6 +101,8 @@ STRING: Check = lambda v: None if isinstance(v, str) and v else "a non-empty str
 FILE: Check = lambda v: None if isinstance(v, str) and Path(v).is_file() else "an existing file"
 DICT: Check = lambda v: None if isinstance(v, dict) else "a mapping"
 DIR: Check = lambda v: None if isinstance(v, str) and Path(v).is_dir() else "an existing directory"
+PROMPTS: Check = lambda v: None if isinstance(v, list) and v and all(isinstance(t, str) and "{}" in t for t in v) \
+    else 'a non-empty list of prompt templates, each with "{}" where the class name goes'
 
 
 def names(options) -> Check:
@@ -285,6 +287,8 @@ RULES = TOP + (
     Rule("dataset.datamodule.variant_dirs", mapping(tuple(VARIANTS), STRING), "{imagenet_v2:data/imagenetv2}"),
     Rule("dataset.datamodule.dataset", choice(*COOP_DATASETS), "dtd"),
     Rule("dataset.datamodule.root", STRING, "data/dtd"),
+    Rule("dataset.datamodule.name", STRING, "birds"),
+    Rule("dataset.datamodule.prompt_templates", PROMPTS, "['a photo of a {}.']"),
     Rule("dataset.datamodule.data_dir", STRING, "data"),
     # The loader arguments are ${...} of the top-level keys above, unless a run sets them itself.
     *(Rule(f"dataset.datamodule.{r.key}", r.check, r.example) for r in TOP if r.key in (
