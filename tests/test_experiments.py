@@ -94,7 +94,7 @@ def test_report_means_and_stds_match_the_runs(sweep, tmp_path, monkeypatch):
             assert float(row[f"{name} std"]) == pytest.approx(statistics.stdev(values))
         ood = [r["ood_mean_top1"] for r in mine]
         assert float(row["OOD mean mean"]) == pytest.approx(statistics.mean(ood))
-        assert row["n mean"] == "2"
+        assert row["n"] == "2"
     markdown = (tmp_path / "report.md").read_text()
     assert "4 finished runs, 0 failed" in markdown and " ± " in markdown
     assert (tmp_path / "report.tex").read_text().count(r"\begin{tabular}") == 2  # matched ID + summary
@@ -280,12 +280,15 @@ def test_report_command_compares_with_wise_ft_from_results_files(tmp_path, monke
         (tmp_path / "runs" / name / "results.json").write_text(json.dumps(_identified(result)))
     report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--methods", "full_ft", "saft",
                  "--ylim", "60", "80"])
-    assert drawn[0][1] == {"methods": ["full_ft", "saft"], "xlim": None, "ylim": [60.0, 80.0]}  # the picture's options
+    options = {"methods": ["full_ft", "saft"], "xlim": None, "ylim": [60.0, 80.0]}  # the pictures' options
+    assert [kwargs for _, kwargs in drawn] == [{**options, "ylabel": f"{y} top-1 (%)"} for y in ("OOD mean", "b", "c")]
+    # one picture per OOD set as well as the mean: set b's points are its own top-1 (OOD mean - 1 in _run)
+    assert drawn[1][0][0]["saft"] == [[(25.0, 78.0)]] and drawn[0][0][0]["saft"] == [[(25.0, 79.0)]]
     matched = _rows(tmp_path / "report" / "matched_id.csv")
     assert float(matched["saft"]["OOD vs WiSE-FT mean"]) == pytest.approx(79.0 - 78.75)
     assert float(matched["saft"]["OOD vs full FT mean"]) == pytest.approx(79.0 - 75.0)
     assert "full_ft, wise_alpha=0.5" in _rows(tmp_path / "report" / "summary.csv")
-    ((_, _, _, wise), _), = drawn
+    (_, _, _, wise), _ = drawn[0]
     assert [len(points) for points in wise["full_ft"]] == [3]  # zero-shot, alpha 0.5, the run
 
 
@@ -492,3 +495,37 @@ def test_a_sweeps_folders_name_its_values_and_go_back_to_eval_unquoted(sweep, tm
     printed = proc.stdout + proc.stderr
     assert f"results: {out / 'results.json'}" in printed
     assert f"| saft, WiSE-FT α=0.5 | {results['metrics']['photo']['top1']:.2f} |" in proc.stdout
+
+
+def test_every_run_as_one_tidy_table_and_a_report_a_paper_can_take(sweep, tmp_path, monkeypatch):
+    from scipy.stats import t
+
+    from saft.report import load_runs
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    report_main([str(sweep), "--out", str(tmp_path), "--ci", "--formats", "png", "pdf", "svg",
+                 "--wandb-project", "saft-test"])
+    runs = {r["identity_hash"]: r for r in (read_results(p.parent) for p in sweep.glob("*/results.json"))}
+    frame = load_runs(sweep)
+    assert len(frame) == 4 and set(frame["identity_hash"]) == set(runs) and set(frame["label"]) == {"saft", "full_ft"}
+    assert len(list(csv.DictReader(open(tmp_path / "runs.csv")))) == 4
+    for _, row in frame.iterrows():  # per seed, every metric and identity key a column
+        r = runs[row["identity_hash"]]
+        assert (row["seed"], row["cfg/method.name"], row["top1/sketch"]) == (r["seed"], r["method"],
+                                                                              r["metrics"]["sketch"]["top1"])
+        assert row["id_gain"] == pytest.approx(r["metrics"]["photo"]["top1"] - r["zeroshot_metrics"]["photo"]["top1"])
+        assert row["zeroshot/top1/negative"] == r["zeroshot_metrics"]["negative"]["top1"]
+    summary = _rows(tmp_path / "summary.csv")
+    for method in ("saft", "full_ft"):
+        values = [r["metrics"]["photo"]["top1"] for r in runs.values() if r["method"] == method]
+        half = t.ppf(0.975, 1) * statistics.stdev(values) / 2 ** 0.5
+        assert float(summary[method]["photo ci95_low"]) == pytest.approx(statistics.mean(values) - half)
+        assert float(summary[method]["photo ci95_high"]) == pytest.approx(statistics.mean(values) + half)
+        assert summary[method]["n"] == "2"
+    assert "[95% CI of the mean]" in (tmp_path / "report.md").read_text()
+    for name in ("id_vs_ood", "id_vs_sketch", "id_vs_negative", "mask_blocks"):
+        assert all((tmp_path / f"{name}.{f}").stat().st_size > 3000 for f in ("png", "pdf", "svg")), name
+    tables = {p.name.split("_")[0]: json.loads(p.read_text())
+              for p in (tmp_path / "wandb").glob("offline-run-*/files/media/table/*.table.json")}
+    logged = dict(zip(tables["summary"]["columns"], zip(*tables["summary"]["data"])))
+    assert all(isinstance(v, float) for v in logged["photo mean"]) and set(logged["n"]) == {2}
+    assert len(tables["runs"]["data"]) == 4

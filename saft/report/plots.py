@@ -24,11 +24,18 @@ def _errorbar(ax, points, **style):
                        yerr=[sy for _, (_, sy) in stats], **style)
 
 
+def _save(fig, paths) -> None:
+    """One picture in each file of ``paths`` (a path or several: PNG for a page, PDF or SVG for a paper)."""
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        fig.savefig(path, dpi=200)
+
+
 def plot_id_vs_ood(curves: Dict[str, Sequence[Sequence[Tuple[float, float]]]],
-                   zeroshot: Optional[Tuple[float, float]], path: Path,
+                   zeroshot: Optional[Tuple[float, float]], path,
                    wise: Optional[Dict[str, Sequence[Sequence[Sequence[Tuple[float, float]]]]]] = None,
                    methods: Optional[Sequence[str]] = None, xlim: Optional[Tuple[float, float]] = None,
-                   ylim: Optional[Tuple[float, float]] = None) -> Tuple[list, tuple, tuple]:
+                   ylim: Optional[Tuple[float, float]] = None,
+                   ylabel: str = "OOD mean top-1 (%)") -> Tuple[list, tuple, tuple]:
     """One curve per configuration (label -> its points, each point the (ID, OOD mean) of every seed), error
     bars over seeds, and the zero-shot model every run started from as a star. ``wise`` (label of a curve ->
     its WiSE-FT curves, points in α order) adds thin dashed curves in that curve's colour, with one legend
@@ -49,24 +56,24 @@ def plot_id_vs_ood(curves: Dict[str, Sequence[Sequence[Tuple[float, float]]]],
     if wise:
         ax.plot([], [], "k--", linewidth=1, label="WiSE-FT (dashed): α from 0 at zero-shot to 1 at the run")
     if zeroshot is not None:
-        ax.plot(*zeroshot, "k*", markersize=12, label="zero-shot")
+        ax.plot(*zeroshot, "k*", markersize=12, label="zeroshot (where every run starts)")
     if xlim:
         ax.set_xlim(*xlim)
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_xlabel("ID top-1 (%)")
-    ax.set_ylabel("OOD mean top-1 (%)")
-    ax.set_title("ID vs OOD accuracy (mean ± std over seeds)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"ID vs {ylabel.split(' top-1')[0]} accuracy (mean ± std over seeds)")
     if curves or wise or zeroshot is not None:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     drawn = (list(curves), tuple(ax.get_xlim()), tuple(ax.get_ylim()))
     plt.close(fig)
     return drawn
 
 
-def plot_mask_blocks(runs: Sequence[dict], path: Path) -> None:
+def plot_mask_blocks(runs: Sequence[dict], path) -> None:
     """Selected entries per block, averaged over the masked runs, coloured by tower."""
     per_block = defaultdict(list)
     masked = [r for r in runs if r.get("mask")]
@@ -85,5 +92,5 @@ def plot_mask_blocks(runs: Sequence[dict], path: Path) -> None:
     ax.set_title(f"Selected entries per block (mean of {len(masked)} masked runs)")
     ax.legend(handles=[Patch(color=c, label=t) for t, c in TOWER_COLOURS.items() if t != "logit_scale"])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)

@@ -172,3 +172,30 @@ def label(run: dict, keys: Sequence[str]) -> str:
     shown = [f"{short(k) if names.count(short(k)) == 1 else k}={_show(settings(run)[k])}"
              for k in keys if k in settings(run)]
     return ", ".join([run["identity"].get("method.name", run.get("method", "?"))] + shown)
+
+
+def tidy(finished: Sequence[dict]) -> List[dict]:
+    """One flat row per finished run, as wise-ft's results lines: its folder, its configuration's label (as the
+    tables show it), what it is, every identity key (``cfg/<key>``), its counts and checksums, and its metrics:
+    ``top1/<set>``, ``zeroshot/top1/<set>``, ``id_top1``, ``ood_mean_top1`` and the changes from zero-shot."""
+    keys = varying(finished, ("wise_alpha",))
+    rows = []
+    for r in finished:
+        row = {"dir": r.get("dir"), "label": label(r, [*keys, "wise_alpha"]), "method": r.get("method"),
+               "dataset": r.get("dataset"), "model": r.get("model"), "shots": r.get("shots"), "seed": r.get("seed"),
+               "wise_alpha": r.get("wise_alpha"), "experiment": r.get("experiment"), "id": r.get("id"),
+               "ood": " ".join(r.get("ood", [])), "id_top1": r["metrics"].get(r["id"], {}).get("top1"),
+               "ood_mean_top1": r.get("ood_mean_top1")}
+        before = r.get("zeroshot_metrics") or {}
+        if r["id"] in before:
+            row["id_gain"] = row["id_top1"] - before[r["id"]]["top1"]
+            ood = [r["metrics"][s]["top1"] - before[s]["top1"] for s in r["ood"] if s in before and s in r["metrics"]]
+            row["ood_change"] = sum(ood) / len(ood) if ood and len(ood) == len(r["ood"]) else None
+        row.update({f"top1/{s}": m.get("top1") for s, m in r["metrics"].items()})
+        row.update({f"zeroshot/top1/{s}": m.get("top1") for s, m in before.items()})
+        row.update({k: r.get(k) for k in ("num_params", "num_trainable", "num_changed", "weights_sha256",
+                                          "base_sha256", "identity_hash", "config_hash", "zeroshot_from")})
+        row.update({f"cfg/{k}": v if isinstance(v, (int, float, str)) or v is None else json.dumps(v)
+                    for k, v in r["identity"].items()})
+        rows.append(row)
+    return rows

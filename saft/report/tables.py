@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from saft.app.identity import digest
 from saft.report.published import BASE_TO_NEW_AVERAGE, DOMAIN_GENERALISATION
-from saft.report.runs import LR_KEYS, Runs, collect, config_key, context_key, groups, label, varying
+from saft.report.runs import LR_KEYS, Runs, collect, config_key, context_key, groups, label, tidy, varying
 
 IMAGENET_SETS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 BASE_TO_NEW_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -45,10 +45,20 @@ class Cell:
     def std(self) -> Optional[float]:
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
-    def text(self) -> str:
+    @property
+    def ci95(self) -> Optional[Tuple[float, float]]:
+        """The 95% confidence interval of the mean over seeds (Student's t: seeds are few)."""
+        if self.std is None:
+            return None
+        from scipy.stats import t
+        half = t.ppf(0.975, len(self.values) - 1) * self.std / len(self.values) ** 0.5
+        return self.mean - half, self.mean + half
+
+    def text(self, ci: bool = False) -> str:
         if not self.values:
             return "-"
-        return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "")
+        shown = f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "")
+        return shown + (" [{:.2f}, {:.2f}]".format(*self.ci95) if ci and self.ci95 else "")
 
 
 @dataclass
@@ -171,6 +181,16 @@ def _id_ood(run: dict, metrics_key: str = "metrics") -> Optional[Tuple[float, fl
     return metrics[run["id"]]["top1"], statistics.mean(metrics[s]["top1"] for s in run["ood"])
 
 
+def _id_and(ood: str):
+    """(ID, one OOD set's top-1) of a run, as :func:`_id_ood` gives (ID, OOD mean)."""
+    def point(run: dict, metrics_key: str = "metrics") -> Optional[Tuple[float, float]]:
+        metrics = run.get(metrics_key)
+        if not metrics or run["id"] not in metrics or ood not in metrics:
+            return None
+        return metrics[run["id"]]["top1"], metrics[ood]["top1"]
+    return point
+
+
 def changes_from_zeroshot(run: dict) -> Tuple[float, float]:
     """(ID gain, OOD-mean change) of a run against the zero-shot model it started from."""
     (x, y), (x0, y0) = _id_ood(run), _id_ood(run, "zeroshot_metrics")
@@ -196,30 +216,30 @@ def _is_training(run: dict) -> bool:
     return run.get("wise_alpha") is None
 
 
-def tradeoff_curves(runs: Sequence[dict]) -> Dict[str, List[List[Tuple[float, float]]]]:
-    """Label -> points of one configuration over learning rates, each point the (ID, OOD) of every seed (training
-    runs only: WiSE-FT evaluations are the curves of ``wise_curves``)."""
-    finished = [r for r in runs if _id_ood(r) is not None and _is_training(r)]
-    return {name: [[_id_ood(r) for r in seeds] for seeds in groups(members).values()]
+def tradeoff_curves(runs: Sequence[dict], point=_id_ood) -> Dict[str, List[List[Tuple[float, float]]]]:
+    """Label -> points of one configuration over learning rates, each point the ``point`` (ID, OOD mean by default)
+    of every seed (training runs only: WiSE-FT evaluations are the curves of ``wise_curves``)."""
+    finished = [r for r in runs if point(r) is not None and _is_training(r)]
+    return {name: [[point(r) for r in seeds] for seeds in groups(members).values()]
             for name, members in _rows(finished, skip=LR_KEYS)}
 
 
-def wise_curves(runs: Sequence[dict]) -> Dict[str, List[List[List[Tuple[float, float]]]]]:
+def wise_curves(runs: Sequence[dict], point=_id_ood) -> Dict[str, List[List[List[Tuple[float, float]]]]]:
     """Label of a learning-rate curve (as in ``tradeoff_curves``) -> one WiSE-FT curve per run configuration of
     it that has WiSE evaluations: zero-shot (α=0), the evaluations in α order, the training run (α=1), each
-    point the (ID, OOD) of every seed. The order is α's, not ID's: a WiSE-FT curve need not rise in ID."""
-    finished = [r for r in runs if _id_ood(r) is not None]
+    point the ``point`` of every seed. The order is α's, not ID's: a WiSE-FT curve need not rise in ID."""
+    finished = [r for r in runs if point(r) is not None]
     curves = defaultdict(list)
     for name, members in _rows(finished, skip=(*LR_KEYS, "wise_alpha")):
         for configuration in groups(members, skip=("wise_alpha",)).values():
             evals = defaultdict(list)
             for r in configuration:
                 if not _is_training(r):
-                    evals[float(r["wise_alpha"])].append(_id_ood(r))
+                    evals[float(r["wise_alpha"])].append(point(r))
             if not evals:
                 continue  # without WiSE evaluations the curve would be a straight line, not a measurement
-            start = {r["seed"]: _id_ood(r, "zeroshot_metrics") for r in configuration if _id_ood(r, "zeroshot_metrics")}
-            trained = [_id_ood(r) for r in configuration if _is_training(r)]
+            start = {r["seed"]: point(r, "zeroshot_metrics") for r in configuration if point(r, "zeroshot_metrics")}
+            trained = [point(r) for r in configuration if _is_training(r)]
             points = [list(start.values()), *(evals[alpha] for alpha in sorted(evals)), trained]
             curves[name].append([seeds for seeds in points if seeds])
     return dict(curves)
@@ -309,44 +329,67 @@ def matched_id_table(runs: Runs) -> Optional[Table]:
     return Table("matched_id", title + ")", columns, rows)
 
 
-def _text(value) -> str:
+def _text(value, ci: bool = False) -> str:
     if isinstance(value, Cell):
-        return value.text()
+        return value.text(ci)
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def to_markdown(table: Table) -> str:
-    lines = [f"### {table.title}", "", "| | " + " | ".join(table.columns) + " |",
+def to_markdown(table: Table, ci: bool = False) -> str:
+    title = table.title + (" [95% CI of the mean]" if ci else "")
+    lines = [f"### {title}", "", "| | " + " | ".join(table.columns) + " |",
              "|---" * (len(table.columns) + 1) + "|"]
-    lines += ["| " + label + " | " + " | ".join(_text(c) for c in cells) + " |" for label, cells in table.rows]
+    lines += ["| " + label + " | " + " | ".join(_text(c, ci) for c in cells) + " |" for label, cells in table.rows]
     return "\n".join(lines) + "\n"
 
 
-def to_latex(table: Table) -> str:
+def to_latex(table: Table, ci: bool = False) -> str:
     def esc(s: str) -> str:
         return s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
     lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "c" * len(table.columns) + "}",
              r"\toprule", " & ".join([""] + [esc(c) for c in table.columns]) + r" \\", r"\midrule"]
-    lines += [" & ".join([esc(label)] + [esc(_text(c)) for c in cells]) + r" \\" for label, cells in table.rows]
+    lines += [" & ".join([esc(label)] + [esc(_text(c, ci)) for c in cells]) + r" \\" for label, cells in table.rows]
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(table.title)}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
+CELL_FIELDS = ("mean", "std", "n", "ci95_low", "ci95_high")
+
+
+def flat(table: Table) -> Tuple[List[str], List[list]]:
+    """The table as numbers: a column of mean ± std cells becomes ``<column> mean``, ``std``, ``n``, ``ci95_low``
+    and ``ci95_high``; any other column (a seed count, a published number, "reference") stays one column."""
+    celled = [any(isinstance(cells[i], Cell) for _, cells in table.rows) for i in range(len(table.columns))]
+    header = ["row"]
+    for column, is_cell in zip(table.columns, celled):
+        header += [f"{column} {f}" for f in CELL_FIELDS] if is_cell else [column]
+    rows = []
+    for name, cells in table.rows:
+        row = [name]
+        for c, is_cell in zip(cells, celled):
+            if isinstance(c, Cell):
+                row += [c.mean, c.std, len(c.values), *(c.ci95 or (None, None))]
+            else:
+                row += [c, None, None, None, None] if is_cell else [c]
+        rows.append(row)
+    return header, rows
+
+
 def to_csv(table: Table, path: Path) -> None:
+    header, rows = flat(table)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        header = ["row"]
-        for c in table.columns:
-            header += [f"{c} mean", f"{c} std", f"{c} n"]
         writer.writerow(header)
-        for name, cells in table.rows:
-            row = [name]
-            for c in cells:
-                if isinstance(c, Cell):
-                    row += [c.mean if c.mean is not None else "", c.std if c.std is not None else "", len(c.values)]
-                else:
-                    row += [c, "", ""]
-            writer.writerow(row)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+
+
+def write_runs_csv(runs: Runs, path: Path) -> None:
+    rows = tidy(runs.finished)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def build_tables(runs: Runs) -> List[Table]:
@@ -355,9 +398,11 @@ def build_tables(runs: Runs) -> List[Table]:
     return [t for t in tables if t is not None]
 
 
-def write_report(dirs: Sequence[Path], out: Path, plot: Optional[dict] = None) -> List[Table]:
-    """The tables of every run in ``dirs`` and the pictures, in ``out``. ``plot``: ``methods``, ``xlim`` and ``ylim``
-    of the ID-vs-OOD picture (the tables keep every run)."""
+def write_report(dirs: Sequence[Path], out: Path, plot: Optional[dict] = None, ci: bool = False,
+                 formats: Sequence[str] = ("png", "pdf")) -> List[Table]:
+    """The tables of every run in ``dirs``, ``runs.csv`` (one row per run) and the pictures, in ``out``. ``plot``:
+    ``methods``, ``xlim`` and ``ylim`` of the ID-vs-OOD pictures (the tables keep every run); ``ci``: 95% confidence
+    intervals in report.md and report.tex (the CSVs always have them); ``formats``: of each picture."""
     from saft.report.plots import plot_id_vs_ood, plot_mask_blocks
     out.mkdir(parents=True, exist_ok=True)
     runs = collect(dirs)
@@ -369,14 +414,19 @@ def write_report(dirs: Sequence[Path], out: Path, plot: Optional[dict] = None) -
                f"their rows are kept apart by `base_sha256`" for model, bases in runs.bases.items()]
     status += [f"- duplicate: {d} has the configuration and seed of {kept} (left out: a seed counts once)"
                for d, kept in runs.duplicates]
-    (out / "report.md").write_text("\n".join(status) + "\n\n" + "\n".join(to_markdown(t) for t in tables))
-    (out / "report.tex").write_text("\n".join(to_latex(t) for t in tables))
+    (out / "report.md").write_text("\n".join(status) + "\n\n" + "\n".join(to_markdown(t, ci) for t in tables))
+    (out / "report.tex").write_text("\n".join(to_latex(t, ci) for t in tables))
     for t in tables:
         to_csv(t, out / f"{t.name}.csv")
-    start = next((_id_ood(r, "zeroshot_metrics") for r in runs.finished if _id_ood(r, "zeroshot_metrics")), None)
-    plot_id_vs_ood(tradeoff_curves(runs.finished), start, out / "id_vs_ood.png", wise_curves(runs.finished),
-                   **(plot or {}))
-    plot_mask_blocks(runs.finished, out / "mask_blocks.png")
+    write_runs_csv(runs, out / "runs.csv")
+    start = next((r for r in runs.finished if _id_ood(r, "zeroshot_metrics")), None)
+    # the OOD mean, then each OOD set on its own (wise-ft draws one scatter per OOD set)
+    for ood in (None, *dict.fromkeys(s for r in runs.finished for s in r["ood"])):
+        point = _id_ood if ood is None else _id_and(ood)
+        plot_id_vs_ood(tradeoff_curves(runs.finished, point), start and point(start, "zeroshot_metrics"),
+                       [out / f"id_vs_{ood or 'ood'}.{f}" for f in formats], wise_curves(runs.finished, point),
+                       ylabel=f"{ood or 'OOD mean'} top-1 (%)", **(plot or {}))
+    plot_mask_blocks(runs.finished, [out / f"mask_blocks.{f}" for f in formats])
     return tables
 
 
@@ -389,26 +439,46 @@ def main(argv=None) -> None:
                         "--methods full_ft saft lp_ft (the tables keep every run)")
     parser.add_argument("--xlim", nargs=2, type=float, metavar=("LOW", "HIGH"), help="ID axis of id_vs_ood.png (%%)")
     parser.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"), help="OOD axis of id_vs_ood.png (%%)")
+    parser.add_argument("--ci", action="store_true", help="show 95%% confidence intervals of the means in report.md "
+                        "and report.tex (the CSVs always hold them)")
+    parser.add_argument("--formats", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"],
+                        help="file formats of the pictures (default: png pdf)")
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
         raise SystemExit(f"error: not a folder: {', '.join(map(str, missing))}")
-    tables = write_report(args.dirs, args.out, {"methods": args.methods, "xlim": args.xlim, "ylim": args.ylim})
+    tables = write_report(args.dirs, args.out, {"methods": args.methods, "xlim": args.xlim, "ylim": args.ylim},
+                          args.ci, args.formats)
     if args.wandb_project:
-        log_to_wandb(args.wandb_project, args.out, tables)
+        log_to_wandb(args.wandb_project, args.out, tables, "png" in args.formats)
     print((args.out / "report.md").read_text())
 
 
-def log_to_wandb(project: str, out: Path, tables: Sequence[Table]) -> None:
-    """The tables and pictures as one wandb run (offline unless WANDB_MODE says otherwise)."""
+def log_to_wandb(project: str, out: Path, tables: Sequence[Table], images: bool = True) -> None:
+    """The tables (numbers, as in the CSVs: sortable and plottable), runs.csv and the pictures as one wandb run
+    (offline unless WANDB_MODE says otherwise)."""
     import os
 
     import wandb
     run = wandb.init(project=project, job_type="report", mode=os.environ.get("WANDB_MODE", "offline"),
                      dir=str(out))
     for t in tables:
-        run.log({t.name: wandb.Table(columns=["row", *t.columns],
-                                     data=[[label, *map(_text, cells)] for label, cells in t.rows])})
-    run.log({name: wandb.Image(str(out / f"{name}.png")) for name in ("id_vs_ood", "mask_blocks")})
+        header, rows = flat(t)
+        run.log({t.name: wandb.Table(columns=header, data=_typed(rows))})
+    run.log({"runs": wandb.Table(dataframe=_read_csv(out / "runs.csv"))})
+    if images:
+        run.log({p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))})
     run.finish()
 
+
+def _typed(rows: List[list]) -> List[list]:
+    """A wandb table column holds one type: a column with numbers keeps its numbers (a "reference" cell becomes
+    empty); any other column is text."""
+    numeric = [any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column) for column in zip(*rows)]
+    return [[(v if isinstance(v, (int, float)) and not isinstance(v, bool) else None) if is_number
+             else (None if v is None else str(v)) for v, is_number in zip(row, numeric)] for row in rows]
+
+
+def _read_csv(path: Path):
+    import pandas
+    return pandas.read_csv(path)
