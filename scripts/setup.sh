@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet --no-deps -e .   # the saft package itself (import saft from anywhere)
+# its [sweeps] extra (Optuna search, joblib launcher): the tests run a search; torch is not touched
+.venv/bin/python -m pip install --quiet "hydra-optuna-sweeper>=1.2,<1.4" "hydra-joblib-launcher>=1.2,<1.4"
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null

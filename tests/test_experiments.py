@@ -6,6 +6,7 @@ import shutil
 import statistics
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import compose_cfg, read_results, run_script
 from layouts import make_all
@@ -529,3 +530,18 @@ def test_every_run_as_one_tidy_table_and_a_report_a_paper_can_take(sweep, tmp_pa
     logged = dict(zip(tables["summary"]["columns"], zip(*tables["summary"]["data"])))
     assert all(isinstance(v, float) for v in logged["photo mean"]) and set(logged["n"]) == {2}
     assert len(tables["runs"]["data"]) == 4
+
+
+def test_an_optuna_search_returns_each_trials_validation_top1(tmp_path):
+    """train.py returns the validation split's top-1 to Hydra's Optuna sweeper (it crashed on None before), and
+    records it in results.json; optimized_metric accepts no test metric (tests/test_validation.py)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the [sweeps] extra (scripts/setup.sh installs it)")
+    run_script("train.py", ["-m", "hparams_search=saft", *SWEEP, "num_workers=0", "hydra.sweeper.n_trials=3",
+                            "hydra.sweeper.sampler.n_startup_trials=3", f"hydra.sweep.dir={tmp_path}"])
+    trials = [read_results(p.parent) for p in tmp_path.glob("*/results.json")]
+    assert len(trials) == 3 and len({t["identity"]["lr_scale"] for t in trials}) == 3
+    best = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    values = [t["val_metrics"]["val/top1"] for t in trials]
+    assert best.best_value == pytest.approx(max(values))
+    assert any(t["identity"]["lr_scale"] == pytest.approx(best.best_params.lr_scale) and
+               t["val_metrics"]["val/top1"] == pytest.approx(best.best_value) for t in trials)

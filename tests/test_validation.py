@@ -25,6 +25,7 @@ BAD = [
     (["lr_scale=-1"], "lr_scale"), (["lr_scale=0"], "lr_scale"), (["lr_scale=abc"], "lr_scale"),
     (["lr_scale=inf"], "lr_scale"),
     (["eval_zeroshot=1"], "eval_zeroshot"),
+    (["optimized_metric=test/top1"], "optimized_metric"),  # a search optimises validation, never a test set
     (["batch_size=0"], "batch_size"), (["eval_batch_size=-2"], "eval_batch_size"),
     (["num_workers=-1"], "num_workers"), (["num_workers=2.0"], "num_workers"),
     (["split_file=/no/such/split.json"], "split_file"),

@@ -29,6 +29,7 @@ IGNORED = {  # patterns on flat keys (a key matches its own name, anything below
     "finished": "what a job does when its dir already holds this run's results; it never changes them",
     "ckpt_path": "where a resume starts from; the resume check compares the identities themselves",
     "run_dir": "eval.py: the folder of the evaluated run (its settings are the rest of this identity)",
+    "optimized_metric": "adds a validation pass after the test, for a search; what is trained and tested is unchanged",
     "experiment_name": "a label for sweep folders and report tables; an experiment's settings are keys of their own",
     "eval_zeroshot": "adds the zero-shot reference measurement; the trained model and its metrics are unchanged",
     "zeroshot_cache": "where the zero-shot reference comes from; a cached one holds the numbers a new test gives",

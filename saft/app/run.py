@@ -226,9 +226,13 @@ def _train(cfg: DictConfig) -> dict:
         trainer.save_checkpoint(last, weights_only=False)
         log.info("rank %d: trained weights sha256 %s", trainer.global_rank, weights_checksum(module))
     trainer.test(module, datamodule=datamodule, verbose=False)
+    val_metrics = None
+    if cfg.get("optimized_metric"):  # a search optimises the few-shot validation split, never a test set
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        val_metrics = {cfg.optimized_metric: float(trainer.callback_metrics[cfg.optimized_metric])}
     results = None
     if trainer.is_global_zero:
-        results = write_artifacts(cfg, identity, module, datamodule, mask_callback, before)
+        results = write_artifacts(cfg, identity, module, datamodule, mask_callback, before, val_metrics)
         print(comparison_table(results))
     if results and mask_callback is not None and isinstance(trainer.logger, pl.loggers.WandbLogger):
         from saft.report.plots import plot_mask_blocks
@@ -236,6 +240,18 @@ def _train(cfg: DictConfig) -> dict:
         trainer.logger.log_image(key="mask_blocks", images=[str(output_dir() / "mask_blocks.png")])
     finish(trainer)
     return results
+
+
+def objective(cfg: DictConfig, results: Optional[dict]) -> Optional[float]:
+    """What train.py returns to a hyper-parameter search (Hydra's Optuna sweeper): the run's ``optimized_metric``
+    on the validation split, None without one (and on ranks other than 0)."""
+    name = cfg.get("optimized_metric")
+    if not name or results is None:
+        return None
+    if name not in (results.get("val_metrics") or {}):
+        raise ConfigError(f"{output_dir()} holds results without {name} (the run finished before it was searched "
+                          f"on); give the search another hydra.sweep.dir")
+    return results["val_metrics"][name]
 
 
 def finished_results(identity: Identity) -> Optional[dict]:
@@ -303,7 +319,7 @@ def comparison_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def write_artifacts(cfg, identity: Identity, module, datamodule, mask_callback, before=None) -> dict:
+def write_artifacts(cfg, identity: Identity, module, datamodule, mask_callback, before=None, val_metrics=None) -> dict:
     """delta.safetensors against the rebuilt base model, then results.json."""
     out = output_dir()
     base = base_state(cfg)
@@ -323,6 +339,8 @@ def write_artifacts(cfg, identity: Identity, module, datamodule, mask_callback, 
         num_trainable += extra["num_head"]
     if before:
         extra["zeroshot_metrics"], extra["zeroshot_from"] = before
+    if val_metrics:
+        extra["val_metrics"] = val_metrics
     extra["base_sha256"] = state_checksum(base)
     results = _results(cfg, identity, module, datamodule, num_trainable, num_changed(delta), extra)
     write_json(out / RESULTS, results)

@@ -184,6 +184,7 @@ TOP = (  # top-level keys, in the order they are checked (lr_scale before the lr
     Rule("lr_scale", number("> 0"), "1.0"),
     Rule("eval_zeroshot", BOOL, "true"),
     Rule("zeroshot_cache", BOOL, "false"),
+    Rule("optimized_metric", either(NULL, choice("val/top1")), "val/top1"),
     Rule("finished", choice("refuse", "skip"), "skip"),
     Rule("batch_size", integer(1), "32"),
     Rule("eval_batch_size", integer(1), "64"),
