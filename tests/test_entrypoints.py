@@ -228,3 +228,44 @@ def test_help_describes_the_app_its_groups_and_the_everyday_commands(script):
     assert "fmnist_styles" in groups["dataset"].split(", ")
     for command in ("python train.py -m", "finished=skip", "python eval.py run_dir=", "python -m saft.report"):
         assert command in printed
+
+
+def test_wandb_runs_a_dashboard_can_filter_group_and_compare(tmp_path):
+    """Read back from the offline runs themselves (tests/wandb_records.py): names and groups, the summary, Lightning's
+    lr and throughput, the artifact, an eval run's config, and one wandb run per job across a requeue."""
+    from wandb_records import offline_runs, read_run
+    env = {"WANDB_MODE": "offline"}
+    sweep = tmp_path / "sweep"
+    run_script("train.py", ["-m", *FAST, "method=saft", "lr_scale=1,3", "trainer.max_steps=12",
+                            "trainer.log_every_n_steps=2", "logger=wandb", f"hydra.sweep.dir={sweep}"], env=env)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    runs = [read_run(offline_runs(job)[0]) for job in jobs]
+    assert [r["name"].rsplit("_", 1)[0] for r in runs] == ["lr_scale-1", "lr_scale-3"]  # what the sweep varies
+    assert {r["group"] for r in runs} == {"adhoc_sweep"} and {r["job_type"] for r in runs} == {"train"}
+    for job, run in zip(jobs, runs):
+        results, summary = read_results(job), {k: json.loads(v) for k, v in run["summary"].items()}
+        assert summary["test/id/top1"] == results["metrics"]["photo"]["top1"]
+        assert summary["test/ood_mean/top1"] == pytest.approx(results["ood_mean_top1"])
+        assert summary["zeroshot/id/top1"] == results["zeroshot_metrics"]["photo"]["top1"]
+        assert summary["gain/id/top1"] == pytest.approx(summary["test/id/top1"] - summary["zeroshot/id/top1"])
+        assert (summary["num_trainable"], summary["weights_sha256"]) == (results["num_trainable"],
+                                                                         results["weights_sha256"])
+        # the zero-shot test before training is logged under its own prefix, never as the run's test
+        tested = [json.loads(h["test/photo/top1"]) for h in run["history"] if "test/photo/top1" in h]
+        assert {json.loads(h["trainer/global_step"]) for h in run["history"] if "test/photo/top1" in h} == {12}
+        assert any("zeroshot/photo/top1" in h for h in run["history"]) or results["zeroshot_from"] == "cache"
+        assert tested and all(t == pytest.approx(results["metrics"]["photo"]["top1"]) for t in tested)  # float32 logs
+        assert any("train/lr/pg1" in h for h in run["history"])
+        assert any("train/device/samples_per_sec" in h for h in run["history"])
+        (artifact,) = run["artifacts"]
+        assert artifact["type"] == "run" and {"results.json", "delta.safetensors"} <= set(artifact["files"])
+    run_script("eval.py", [f"run_dir={jobs[1]}", "wise_alpha=0.5", "logger=wandb", "trainer.enable_progress_bar=false",
+                           f"hydra.run.dir={tmp_path / 'eval'}"], env=env)
+    evaluation = read_run(offline_runs(tmp_path / "eval")[0])
+    assert evaluation["job_type"] == "eval" and "_wise0.5_" in evaluation["name"]
+    assert json.loads(evaluation["config"]["wise_alpha"]) == 0.5 and evaluation["name"] != runs[1]["name"]
+    (jobs[0] / "results.json").unlink()  # as if killed during the final test: the requeue logs into the same run
+    run_script("train.py", ["-m", *FAST, "method=saft", "lr_scale=1,3", "trainer.max_steps=12", "finished=skip",
+                            "trainer.log_every_n_steps=2", "logger=wandb", f"hydra.sweep.dir={sweep}"], env=env)
+    attempts = offline_runs(jobs[0])
+    assert len(attempts) == 2 and {read_run(a)["id"] for a in attempts} == {runs[0]["id"]}

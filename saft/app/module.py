@@ -48,6 +48,8 @@ class CLIPClassifier(pl.LightningModule):
     after each backward, so the optimizer skips those parameters (no step, no weight decay, no moments).
     """
 
+    flops_per_batch = None  # Lightning's ThroughputMonitor: samples/s and batches/s, FLOPs not counted
+
     def __init__(self, model: nn.Module, tokenizer: Callable, optimizer: Optional[Callable] = None,
                  towers: Sequence[str] = ("image", "text"), warmup_fraction: float = 0.1, schedule: str = "cosine",
                  identity: Optional[dict] = None, head: Optional[nn.Module] = None,
@@ -230,7 +232,8 @@ class CLIPClassifier(pl.LightningModule):
                                     "head": self.head_kind(s)}
             self.test_acc[s.name].reset()
             self.test_n[s.name].reset()
-        self.log_dict({f"test/{n}/top1": r["top1"] for n, r in self.results.items()}, sync_dist=True)
+        prefix = "zeroshot" if self.zero_shot else "test"  # the reference before training is not the run's test
+        self.log_dict({f"{prefix}/{n}/top1": r["top1"] for n, r in self.results.items()}, sync_dist=True)
 
     # --- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint) -> None:
@@ -265,7 +268,7 @@ class CLIPClassifier(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(self.warmup_fraction * total))
         scheduler = warmup_cosine(optimizer, total, warmup, self.warmup_lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     def _probe_then_tune(self, optimizer, total: int):
         """LP-FT's two phases in one schedule: the head alone at ``head_lr`` for the first ``probe_steps``, then
@@ -294,4 +297,4 @@ class CLIPClassifier(pl.LightningModule):
         factors = [(lambda s, lr=g["lr"]: head_factor(s, lr)) if g.get("head") else clip_factor
                    for g in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}

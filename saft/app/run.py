@@ -38,6 +38,7 @@ from saft.app.checkpoint_io import checkpoint_entry
 from saft.app.identity import Identity, differences, run_identity, without
 from saft.app.results import ERROR, RESULTS, build_results, summary, write_json
 from saft.app.signals import StopOnSignal, cluster_plugins, owned
+from saft.app.tracking import make_logger, monitors, report_results
 from saft.app.validate import output_dir, validate
 from saft.app.zeroshot import zeroshot_metrics
 from saft.errors import ConfigError
@@ -127,25 +128,12 @@ def weights_checksum(module: CLIPClassifier) -> str:
     return state_checksum({**module.model.state_dict(), **head})
 
 
-def make_logger(cfg: DictConfig, identity: Identity, job_type: str):
-    """The configured logger; a wandb run is named by the run's identity (one name per configuration and seed) and
-    grouped by its configuration (what its seeds share), unless the config names them."""
-    if not cfg.get("logger"):
-        return False
-    if not str(cfg.logger.get("_target_", "")).endswith("WandbLogger"):
-        return hydra.utils.instantiate(cfg.logger)
-    label = f"{cfg.method.name}_{cfg.dataset.name}"
-    return hydra.utils.instantiate(cfg.logger, name=cfg.logger.get("name") or f"{label}_seed{cfg.seed}_{identity.hash}",
-                                   group=cfg.logger.get("group") or f"{label}_{identity.config_hash}",
-                                   job_type=job_type)
-
-
 def make_trainer(cfg: DictConfig, callbacks, identity: Identity, job_type: str,
                  checkpoint: Optional[Path] = None) -> pl.Trainer:
     """The configured Trainer. It owns the stop signals (saft.app.signals; ``checkpoint`` is where an interrupted fit
     saves), has Lightning's SLURM auto-requeue off, and its ``default_root_dir`` is a folder of its own: under SLURM
     Lightning loads any ``hpc_ckpt_*.ckpt`` it finds there into the model, for training and for testing."""
-    callbacks = [StopOnSignal(checkpoint), *callbacks]
+    callbacks = [StopOnSignal(checkpoint), *callbacks, *monitors(cfg)]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks = [*callbacks, *progress_bars()]
     plugins = [hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or []] + cluster_plugins()
@@ -233,6 +221,7 @@ def _train(cfg: DictConfig) -> dict:
     results = None
     if trainer.is_global_zero:
         results = write_artifacts(cfg, identity, module, datamodule, mask_callback, before, val_metrics)
+        report_results(trainer, results, [output_dir() / f for f in (RESULTS, DELTA, HEAD)])
         print(comparison_table(results))
     if results and mask_callback is not None and isinstance(trainer.logger, pl.loggers.WandbLogger):
         from saft.report.plots import plot_mask_blocks
@@ -466,6 +455,7 @@ def _evaluate(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         results = _results(cfg, identity, module, datamodule, num_trainable, changed, extra)
         write_json(output_dir() / RESULTS, results)
+        report_results(trainer, results, [output_dir() / RESULTS])
         log.info("results: %s", output_dir() / RESULTS)
         print(comparison_table(results))
     finish(trainer)
