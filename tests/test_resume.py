@@ -260,3 +260,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert "resuming the interrupted run from" in proc.stdout + proc.stderr
     _assert_finishes_identically(tmp_path / "whole", killed)
     assert checkpoint(killed)["global_step"] == 60
+
+
+def test_a_requeued_job_keeps_the_earlier_attempts_metrics(tmp_path):
+    """Lightning's CSV logger deletes the metrics.csv it finds; the earlier attempt's rows stay as
+    metrics.attempt1.csv, and the new attempt writes metrics.csv."""
+    run = tmp_path / "run"
+    first = _train(run, ["logger=csv"])
+    rows = (run / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in rows.splitlines()[0]
+    (run / "results.json").unlink()  # killed during the final test: the same command again resumes
+    (run / "delta.safetensors").unlink()
+    _train(run, ["logger=csv"])
+    assert (run / "csv" / "metrics.attempt1.csv").read_text() == rows
+    again = (run / "csv" / "metrics.csv").read_text()
+    assert again != rows and read_results(run)["metrics"] == first["metrics"]

@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor
 from pytorch_lightning.utilities.data import extract_batch_size
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from saft.app.identity import Identity, digest
 from saft.app.validate import output_dir
@@ -46,8 +47,19 @@ def make_logger(cfg: DictConfig, identity: Identity, job_type: str):
     if not cfg.get("logger"):
         return False
     if not is_wandb(cfg):
-        return hydra.utils.instantiate(cfg.logger)
+        logger = hydra.utils.instantiate(cfg.logger)
+        if isinstance(logger, pl.loggers.CSVLogger) and rank_zero_only.rank == 0:
+            keep_earlier_attempt(Path(logger.log_dir) / "metrics.csv")
+        return logger
     return hydra.utils.instantiate(cfg.logger, **wandb_names(cfg, identity, job_type), resume="allow")
+
+
+def keep_earlier_attempt(metrics: Path) -> None:
+    """Lightning's CSV logger deletes the metrics file it finds: a resumed or requeued job keeps the earlier
+    attempt's rows as ``metrics.attempt<N>.csv`` beside the new ``metrics.csv``."""
+    if metrics.is_file():
+        n = 1 + len(list(metrics.parent.glob("metrics.attempt*.csv")))
+        metrics.rename(metrics.with_name(f"metrics.attempt{n}.csv"))
 
 
 def monitors(cfg: DictConfig) -> List[pl.Callback]:
