@@ -545,3 +545,11 @@ def test_an_optuna_search_returns_each_trials_validation_top1(tmp_path):
     assert best.best_value == pytest.approx(max(values))
     assert any(t["identity"]["lr_scale"] == pytest.approx(best.best_params.lr_scale) and
                t["val_metrics"]["val/top1"] == pytest.approx(best.best_value) for t in trials)
+
+
+def test_a_local_parallel_sweep_with_the_joblib_launcher(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the [sweeps] extra (scripts/setup.sh installs it)")
+    run_script("train.py", ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=saft,full_ft", *SWEEP,
+                            "num_workers=0", f"hydra.sweep.dir={tmp_path}"])
+    runs = {read_results(p.parent)["method"]: p.parent.name for p in tmp_path.glob("*/results.json")}
+    assert runs == {"saft": "method-saft", "full_ft": "method-full_ft"}
