@@ -228,7 +228,7 @@ def test_ood_vs_wise_ft_is_the_best_full_ft_wise_curve_that_covers_the_id():
             runs.append(_wise(high, 0.5, 32.0, 74.0))  # seed 2's lr 3e-5 has no WiSE evals, hence no WiSE curve
     runs += [_run("saft", 1, 29.0, 77.0, 1e-3), _run("saft", 2, 35.0, 65.0, 1e-3)]
     rows = {label: cells for label, cells in matched_id_table(Runs(finished=_ids(runs))).rows}
-    saft = rows["saft, lr=0.001"]  # lr and wise_alpha vary among full FT's rows: labels show them
+    saft = rows["saft"]  # a label shows what varies within its own method: nothing does among SAFT's runs
     # Seed 1 at ID 29: the lr 1e-5 curve (20, 80) -> (26, 78) -> (30, 70) gives 72, the lr 3e-5 curve
     # (20, 80) -> (32, 74) -> (40, 50) gives 75.5; the best is 75.5. Seed 2 at ID 35 lies beyond its only
     # curve (up to ID 30): left out. Full FT's learning-rate curve (20, 80) -> (30, 70) -> (40, 50): 71 and 60.
@@ -339,8 +339,8 @@ def test_base_to_new_keeps_configurations_apart_and_averages_their_seeds(key, va
     assert not any(set(v) & low_base and set(v) & high_base for v in cells)
     rows = _b2n_rows(low + high + ft + others)
     low_label, high_label = (f"saft, {key}={v:.3g}" for v in values)
-    # The label shows what varies: lr for every method, sparsity only where a mask makes it matter.
-    ft_label = "full_ft, lr=1e-05" if key == "lr" else "full_ft"
+    # A label shows what varies among its own method's configurations: full FT has one.
+    ft_label = "full_ft"
     assert {label for label in rows if not label.endswith("(published)")} == {
         f"dtd: {low_label}", f"dtd: {high_label}", f"dtd: {ft_label}", f"eurosat: {low_label}",
         f"average: {low_label}", f"average: {high_label}", f"average: {ft_label}"}
@@ -553,3 +553,18 @@ def test_a_local_parallel_sweep_with_the_joblib_launcher(tmp_path):
                             "num_workers=0", f"hydra.sweep.dir={tmp_path}"])
     runs = {read_results(p.parent)["method"]: p.parent.name for p in tmp_path.glob("*/results.json")}
     assert runs == {"saft": "method-saft", "full_ft": "method-full_ft"}
+
+
+def test_row_labels_show_what_varies_within_each_method_once_and_in_numeric_order():
+    """lr_scale and the lr it sets split a method's runs alike: one of them is shown (by value they differ); a key
+    that varies only among SAFT's configurations never labels full FT's rows."""
+    from saft.report.tables import _rows
+    runs = []
+    for lr in (3e-5, 1e-5, 1e-4):
+        runs.append(_identified({**_run("full_ft", 1, 30.0, 70.0, lr), "extra_settings": {"lr_scale": lr / 1e-5}}))
+        for sparsity in (0.01, 0.001):
+            runs.append(_identified({**_run("saft", 1, 25.0, 79.0, lr * 100), "sparsity": sparsity,
+                                     "extra_settings": {"lr_scale": lr / 1e-5}}))
+    assert [name for name, _ in _rows(runs)] == [
+        "full_ft, lr=1e-05", "full_ft, lr=3e-05", "full_ft, lr=0.0001",
+        *(f"saft, lr={lr}, sparsity={s}" for lr in ("0.001", "0.003", "0.01") for s in ("0.001", "0.01"))]

@@ -134,28 +134,37 @@ def short(key: str) -> str:
 
 
 def _partition(runs: Sequence[dict], key: str) -> Tuple:
-    return tuple(json.dumps(settings(r).get(key), sort_keys=True) for r in runs)
+    """How ``key`` splits ``runs``: each run's group number, so keys that split alike (``lr_scale`` and the ``lr``
+    it sets) give one partition whatever their values."""
+    first: Dict[str, int] = {}
+    return tuple(first.setdefault(json.dumps(settings(r).get(key), sort_keys=True), len(first)) for r in runs)
 
 
 def _skipped(key: str, skip: Sequence[str]) -> bool:
     return any(key == s or s.endswith(".") and key.startswith(s) for s in skip)
 
 
-def varying(runs: Sequence[dict], skip: Sequence[str] = ()) -> List[str]:
-    """Identity keys (but ``skip``) whose values differ among the configurations of one method (the seed aside).
+def varying(runs: Sequence[dict], skip: Sequence[str] = ()) -> Dict[str, List[str]]:
+    """Method -> the identity keys (but ``skip``) whose values differ among its configurations (the seed aside).
     Keys that split the runs alike (``lr_scale`` and the ``lr`` it sets, ``shots`` and the datamodule's) show
     once: by the shortest name, the outermost key of those."""
     by_method: Dict[str, List[dict]] = {}
     for r in runs:
-        by_method.setdefault(r["identity"].get("method.name", r.get("method")), []).append(r)
-    found = {}
-    for members in by_method.values():
+        by_method.setdefault(_method(r), []).append(r)
+    found: Dict[str, List[str]] = {}
+    for method, members in by_method.items():
         keys = sorted({k for r in members for k in settings(r) if not _skipped(k, skip)},
                       key=lambda k: (len(short(k)), k.count("."), k))
+        chosen: Dict[Tuple, str] = {}
         for key in keys:
             if key != "method.name" and len(set(_partition(members, key))) > 1:
-                found.setdefault((id(members), _partition(members, key)), key)
-    return sorted(set(found.values()), key=lambda k: (short(k), k))
+                chosen.setdefault(_partition(members, key), key)
+        found[method] = sorted(chosen.values(), key=lambda k: (short(k), k))
+    return found
+
+
+def _method(run: dict) -> str:
+    return run["identity"].get("method.name", run.get("method", "?"))
 
 
 def _show(value) -> str:
@@ -166,22 +175,24 @@ def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
-def label(run: dict, keys: Sequence[str]) -> str:
-    """The method, then ``name=value`` for each of ``keys`` the run has (a training run has no ``wise_alpha``)."""
-    names = [short(k) for k in keys]
+def label(run: dict, keys: Dict[str, Sequence[str]], extra: Sequence[str] = ()) -> str:
+    """The method, then ``name=value`` for each key that varies among its method's configurations (``keys``, from
+    :func:`varying`) and each of ``extra`` the run has (a training run has no ``wise_alpha``)."""
+    own = [*keys.get(_method(run), []), *(k for k in extra if k not in keys.get(_method(run), []))]
+    names = [short(k) for k in own]
     shown = [f"{short(k) if names.count(short(k)) == 1 else k}={_show(settings(run)[k])}"
-             for k in keys if k in settings(run)]
-    return ", ".join([run["identity"].get("method.name", run.get("method", "?"))] + shown)
+             for k in own if k in settings(run)]
+    return ", ".join([_method(run)] + shown)
 
 
 def tidy(finished: Sequence[dict]) -> List[dict]:
     """One flat row per finished run, as wise-ft's results lines: its folder, its configuration's label (as the
     tables show it), what it is, every identity key (``cfg/<key>``), its counts and checksums, and its metrics:
     ``top1/<set>``, ``zeroshot/top1/<set>``, ``id_top1``, ``ood_mean_top1`` and the changes from zero-shot."""
-    keys = varying(finished, ("wise_alpha",))
+    keys = varying(finished)
     rows = []
     for r in finished:
-        row = {"dir": r.get("dir"), "label": label(r, [*keys, "wise_alpha"]), "method": r.get("method"),
+        row = {"dir": r.get("dir"), "label": label(r, keys), "method": r.get("method"),
                "dataset": r.get("dataset"), "model": r.get("model"), "shots": r.get("shots"), "seed": r.get("seed"),
                "wise_alpha": r.get("wise_alpha"), "experiment": r.get("experiment"), "id": r.get("id"),
                "ood": " ".join(r.get("ood", [])), "id_top1": r["metrics"].get(r["id"], {}).get("top1"),

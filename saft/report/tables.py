@@ -84,7 +84,20 @@ def _rows(runs: Sequence[dict], planned: Sequence[dict] = (), skip: Sequence[str
     examples = {key: members[0] if members else next(p for p in planned if config_key(p, skip) == key)
                 for key, members in grouped.items()}
     keys = varying(list(examples.values()), skip)
-    return sorted(((label(examples[key], keys), members) for key, members in grouped.items()), key=lambda x: x[0])
+    return sorted(((label(examples[key], keys), members) for key, members in grouped.items()),
+                  key=lambda x: _in_order(x[0]))
+
+
+def _in_order(text: str) -> list:
+    """A label's sort key: its method, then each setting with numbers as numbers (lr=3e-06 before lr=1e-05)."""
+    key = []
+    for part in text.split(", "):
+        name, _, value = part.partition("=")
+        try:
+            key.append((name, 0, float(value), ""))
+        except ValueError:
+            key.append((name, 1, 0.0, value))
+    return key
 
 
 def summary_table(runs: Runs) -> Table:
