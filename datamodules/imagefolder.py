@@ -43,7 +43,8 @@ class ImageFolderDataModule(FewShotDataModule):
                                f"({sorted(set(self._class_folders(split)) ^ set(classes))[:5]})")
                 self._splits[split] = [(f"{split}/{c}/{p.name}", label) for label, c in enumerate(classes)
                                        for p in sorted((self.root / split / c).iterdir())
-                                       if p.suffix.lower() in IMAGE_SUFFIXES]
+                                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                                       and not p.name.startswith(".")]
                 empty = [c for label, c in enumerate(classes) if all(item[1] != label for item in self._splits[split])]
                 if empty:
                     self._fail(f"{self.root / split} has class folders with no images ({empty[:5]}; images end in "
@@ -52,7 +53,7 @@ class ImageFolderDataModule(FewShotDataModule):
         return self._splits
 
     def _class_folders(self, split: str) -> List[str]:
-        return sorted(p.name for p in (self.root / split).iterdir() if p.is_dir())
+        return sorted(p.name for p in (self.root / split).iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def all_classnames(self) -> List[str]:
         self.splits()

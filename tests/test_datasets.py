@@ -183,6 +183,20 @@ def _image_folder(root, classes=("red_fox", "owl", "cat"), counts=(("train", 5),
     return root
 
 
+def test_an_image_folder_must_be_named_and_skips_hidden_entries(tmp_path):
+    root = _image_folder(tmp_path / "animals")
+    proc = run_script("train.py", ["dataset=imagefolder", f"dataset.datamodule.root={root}", "model.name=NoSuchArch",
+                                   f"hydra.run.dir={tmp_path / 'r'}"], check=False)
+    assert proc.returncode == 2 and "dataset.name=birds" in proc.stderr and "Traceback" not in proc.stderr
+    from datamodules.imagefolder import ImageFolderDataModule
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # not a class
+    (root / "train" / "cat" / "._0.png").write_bytes(b"macOS metadata")  # not an image
+    (root / "train" / "cat" / "folder.png").mkdir()
+    dm = ImageFolderDataModule(name="animals", root=str(root))
+    assert dm.all_classnames() == ["cat", "owl", "red fox"]
+    assert sorted(key for key, _ in dm.splits()["train"] if "/cat/" in key) == [f"train/cat/{i}.png" for i in range(5)]
+
+
 def test_a_folder_of_ones_own_images_trains_and_evaluates_with_config_only(tmp_path):
     root = _image_folder(tmp_path / "animals")
     common = ["model=tiny", "dataset=imagefolder", "dataset.name=animals", "num_workers=0",
@@ -209,7 +223,7 @@ def test_a_folder_of_ones_own_images_trains_and_evaluates_with_config_only(tmp_p
 def test_a_malformed_image_folder_is_named_before_the_model_loads(tmp_path, breakage, message):
     root = _image_folder(tmp_path / "animals")
     breakage(root)
-    proc = run_script("train.py", ["dataset=imagefolder", f"dataset.datamodule.root={root}", "model.name=NoSuchArch",
-                                   f"hydra.run.dir={tmp_path / 'r'}"], check=False)
+    proc = run_script("train.py", ["dataset=imagefolder", "dataset.name=animals", f"dataset.datamodule.root={root}",
+                                   "model.name=NoSuchArch", f"hydra.run.dir={tmp_path / 'r'}"], check=False)
     assert proc.returncode == 2 and message in proc.stderr and "root/train/<class>/*.jpg" in proc.stderr
     assert "NoSuchArch" not in proc.stderr and "Traceback" not in proc.stderr

@@ -211,12 +211,16 @@ def test_a_log_gets_plain_progress_lines_not_a_redrawn_bar(tmp_path):
     proc = run_script("train.py", [*args, "trainer.log_every_n_steps=2", f"hydra.run.dir={tmp_path}"])
     printed = proc.stdout + proc.stderr
     assert "\r" not in printed and "\x1b[" not in printed
-    lines = [line for line in printed.splitlines() if "saft.app.progress" in line]
+    progress = [line for line in printed.splitlines() if "saft.app.progress" in line]
+    lines = [line for line in progress if "] - step " in line]
     assert [re.search(r"step (\d+)/6", line).group(1) for line in lines] == ["2", "4", "6"]
+    # each test (the zero-shot reference, the final one) says when it starts and ends
+    assert sum("testing: 3 eval sets" in line for line in progress) == 2
+    assert sum(re.search(r"tested in \d+:\d\d:\d\d$", line) is not None for line in progress) == 2
     for line in lines:
         assert re.search(r"train/loss [\d.]+ \| lr [\d.]+e[+-]\d+ \| [\d.]+ samples/s \| ETA \d+:\d\d:\d\d$", line), line
     assert max(len(line) for line in printed.splitlines()) < 400
-    assert lines == [line for line in (tmp_path / "train.log").read_text().splitlines() if "saft.app.progress" in line]
+    assert progress == [line for line in (tmp_path / "train.log").read_text().splitlines() if "saft.app.progress" in line]
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
@@ -226,7 +230,8 @@ def test_help_describes_the_app_its_groups_and_the_everyday_commands(script):
     groups = dict(line.split(": ", 1) for line in printed.splitlines() if line.split(": ")[0] in ("method", "dataset"))
     assert {"saft", "full_ft", "flyp", "lp_ft"} <= set(groups["method"].split(", "))  # read from conf/, not listed
     assert "fmnist_styles" in groups["dataset"].split(", ")
-    for command in ("python train.py -m", "finished=skip", "python eval.py run_dir=", "python -m saft.report"):
+    for command in ("python train.py -m", "hydra.sweep.dir=<its dir> finished=skip", "python eval.py run_dir=",
+                    "python -m saft.report"):
         assert command in printed
 
 
@@ -258,12 +263,14 @@ def test_wandb_runs_a_dashboard_can_filter_group_and_compare(tmp_path):
         assert any("train/lr/pg1" in h for h in run["history"])
         assert any("train/device/samples_per_sec" in h for h in run["history"])
         (artifact,) = run["artifacts"]
-        assert artifact["type"] == "run" and {"results.json", "delta.safetensors"} <= set(artifact["files"])
+        assert artifact["name"] == f"train-{results['identity_hash'][:16]}" and artifact["type"] == "train"
+        assert {"results.json", "delta.safetensors"} <= set(artifact["files"])
     run_script("eval.py", [f"run_dir={jobs[1]}", "wise_alpha=0.5", "logger=wandb", "trainer.enable_progress_bar=false",
                            f"hydra.run.dir={tmp_path / 'eval'}"], env=env)
     evaluation = read_run(offline_runs(tmp_path / "eval")[0])
     assert evaluation["job_type"] == "eval" and "_wise0.5_" in evaluation["name"]
     assert json.loads(evaluation["config"]["wise_alpha"]) == 0.5 and evaluation["name"] != runs[1]["name"]
+    assert [a["name"].split("-")[0] for a in evaluation["artifacts"]] == ["eval"]  # never the training run's
     (jobs[0] / "results.json").unlink()  # as if killed during the final test: the requeue logs into the same run
     run_script("train.py", ["-m", *FAST, "method=saft", "lr_scale=1,3", "trainer.max_steps=12", "finished=skip",
                             "trainer.log_every_n_steps=2", "logger=wandb", f"hydra.sweep.dir={sweep}"], env=env)

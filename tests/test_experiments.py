@@ -463,26 +463,36 @@ def test_a_sweep_run_again_with_finished_skip_runs_only_what_is_missing(sweep, t
                                     *SWEEP, f"hydra.run.dir='{kept[0]}'", "finished=skip"], check=False)
     assert other.returncode != 0 and "holds the results of another run (method.optimizer.lr" in other.stderr
     assert all((d / "results.json").read_bytes() == before[d][0] for d in kept)
-    run_script("train.py", [*command[:2], "seed=1", *command[3:], "finished=skip"])  # the seed-2 runs get no job
-    # ... and their saved configs, which eval.py run_dir= reads back, are still theirs
+    # The command's arguments in another order find the same folders: nothing runs again.
+    run_script("train.py", [*command[:1], "seed=1,2", "method=saft,full_ft", *command[3:], "finished=skip"])
+    assert all(((d / "results.json").read_bytes(), (d / "results.json").stat().st_mtime_ns) == before[d] for d in kept)
+    # A sweep of other keys (seed fixed) names its jobs anew (method-saft, method-full_ft); the finished runs it has
+    # no job for keep their saved configs, which eval.py run_dir= reads back
+    run_script("train.py", [*command[:2], "seed=1", *command[3:], "finished=skip"])
+    assert {p.name for p in again.iterdir() if p.is_dir()} >= {"method-saft", "method-full_ft"}
     assert all((d / ".hydra" / "config.yaml").read_bytes() == saved[d] for d in kept)
     assert not list(again.glob("*/.hydra.finished"))
 
 
-def test_job_folders_are_the_swept_values_short_and_safe_whatever_the_number_of_overrides(tmp_path):
+def test_job_folders_are_the_swept_values_short_safe_and_distinct(tmp_path):
     from saft.app.folders import MAX_NAME, job_folder
-    many = [f"dataset.datamodule.option_{i}=[a,b/c,{i}]" for i in range(12)] + ["method=saft", "seed=1"]
-    exclude = ["finished", "data_dir"]
-    names = {job_folder(many[:-1] + [f"seed={s}"], exclude, tmp_path / "none") for s in (1, 2)}
-    assert len(names) == 2  # two jobs that differ only past the cut still get two folders
-    for name in names:
-        assert len(name) <= MAX_NAME and re.fullmatch(r"[A-Za-z0-9._+-]+", name), name
-    # with Hydra's multirun.yaml, only what the sweep varies (on its command line or in hydra.sweeper.params)
-    (tmp_path / "multirun.yaml").write_text(
-        "hydra:\n  overrides:\n    task: ['method=saft,full_ft', shots=4, finished=skip]\n"
+    (tmp_path / "multirun.yaml").write_text(  # Hydra's record of the sweep: what it varies
+        "hydra:\n  overrides:\n    task: ['method=saft,full_ft', 'b=x,y', shots=4, finished=skip, 'split_file=a,b']\n"
         "  sweeper:\n    params: {seed: '1,2,3'}\n")
-    assert job_folder(["method=full_ft", "shots=4", "finished=skip", "seed=3"], exclude, tmp_path) == \
-        "method-full_ft_seed-3"
+    name = lambda *overrides: job_folder(0, list(overrides), tmp_path, None)  # noqa: E731
+    # only what the sweep varies, in key order whatever the command's order; a swept key override_dirname
+    # leaves out (split_file) still names its jobs
+    assert name("seed=3", "method=full_ft", "shots=4", "finished=skip", "b=x", "split_file=a") == \
+        "b-x_method-full_ft_seed-3_split_file-a"
+    # values that differ only in characters a shell or Hydra would need quoted never share a folder
+    values = ["a/b", "a-b", "[a,b]", "a,b", "-0.5", "0.5", "x y", "x_y"]
+    names = [name(f"b={v}") for v in values]
+    assert len(set(names)) == len(values) and all(re.fullmatch(r"[A-Za-z0-9._+-]+", n) for n in names), names
+    long = [name("method=saft", *(f"b={'v' * 80}{i}",)) for i in range(2)]
+    assert len(set(long)) == 2 and all(len(n) <= MAX_NAME for n in long)  # cut, with a hash of the whole
+    # no multirun.yaml (Optuna): the searched keys, after the job number (a search may try a point twice)
+    assert job_folder(7, ["lr_scale=0.5", "shots=4"], tmp_path / "none", {"lr_scale": "interval(0.1,30)"}) == \
+        "7_lr_scale-0.5"
 
 
 def test_a_sweeps_folders_name_its_values_and_go_back_to_eval_unquoted(sweep, tmp_path):
@@ -496,6 +506,17 @@ def test_a_sweeps_folders_name_its_values_and_go_back_to_eval_unquoted(sweep, tm
     printed = proc.stdout + proc.stderr
     assert f"results: {out / 'results.json'}" in printed
     assert f"| saft, WiSE-FT α=0.5 | {results['metrics']['photo']['top1']:.2f} |" in proc.stdout
+    # an eval sweep over runs names each job by the run it evaluated; run again with finished=skip it skips them
+    evals = tmp_path / "evals"
+    command = ["-m", f"run_dir={sweep / jobs[0]},{sweep / jobs[2]}", "trainer.enable_progress_bar=false",
+               f"hydra.sweep.dir={evals}"]
+    run_script("eval.py", command, cwd=tmp_path)
+    names = sorted(p.name for p in evals.iterdir() if p.is_dir())
+    assert names == [f"0_run-{jobs[0]}", f"1_run-{jobs[2]}"]
+    stamps = {n: (evals / n / "results.json").stat().st_mtime_ns for n in names}
+    again = run_script("eval.py", [*command, "finished=skip"], cwd=tmp_path)
+    assert {n: (evals / n / "results.json").stat().st_mtime_ns for n in names} == stamps
+    assert "skipped (finished=skip)" in again.stdout + again.stderr
 
 
 def test_every_run_as_one_tidy_table_and_a_report_a_paper_can_take(sweep, tmp_path, monkeypatch):

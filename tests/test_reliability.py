@@ -108,14 +108,15 @@ def test_unknown_group_option_is_reported_by_hydra_without_a_traceback(tmp_path)
         assert proc.returncode != 0 and "Could not find" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_runs_files_follow_the_users_umask(tmp_path):
+@pytest.mark.parametrize("umask, mode", [(0o002, "0o664"), (0o027, "0o640")])
+def test_a_runs_files_follow_the_users_umask(tmp_path, umask, mode):
     """Labmates on a shared filesystem read each other's runs: every file a run writes (the delta and head that
     safetensors creates 0600 on its own, checkpoints, results) gets the mode the umask gives a new file."""
-    old = os.umask(0o002)
+    old = os.umask(umask)
     try:
         run_script("train.py", [*QUICK, "method=lp_ft", f"hydra.run.dir={tmp_path / 'run'}"])
     finally:
         os.umask(old)
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert {"delta.safetensors", "head.safetensors", "results.json", "last.ckpt"} <= {p.name for p in files}
-    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o664" for p in files}
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in files} == {str(p): mode for p in files}

@@ -275,3 +275,13 @@ def test_a_requeued_job_keeps_the_earlier_attempts_metrics(tmp_path):
     assert (run / "csv" / "metrics.attempt1.csv").read_text() == rows
     again = (run / "csv" / "metrics.csv").read_text()
     assert again != rows and read_results(run)["metrics"] == first["metrics"]
+    # the run's summary reaches the file too (it is logged after Lightning has finalised the logger)
+    header = again.splitlines()[0].split(",")
+    assert {"test/id/top1", "test/ood_mean/top1", "gain/id/top1", "num_trainable"} <= set(header)
+    # a deleted earlier attempt never makes a later one overwrite another
+    (run / "csv" / "metrics.attempt1.csv").rename(run / "csv" / "metrics.attempt2.csv")
+    (run / "results.json").unlink()
+    (run / "delta.safetensors").unlink()
+    _train(run, ["logger=csv"])
+    assert (run / "csv" / "metrics.attempt2.csv").read_text() == rows
+    assert (run / "csv" / "metrics.attempt3.csv").read_text() == again

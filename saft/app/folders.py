@@ -18,7 +18,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")  # what a shell or Hydra's override g
 
 
 def _safe(text: str) -> str:
-    return _UNSAFE.sub("-", text).strip("-") or "-"
+    """``text`` where a shell and Hydra take it unquoted, else its safe characters and a short hash of it, so that
+    two values never share a name (``a/b`` and ``a-b``, ``[a,b]`` and ``a,b``)."""
+    if text and not _UNSAFE.search(text):
+        return text
+    return f"{_UNSAFE.sub('-', text).strip('-')}-{hashlib.sha256(text.encode()).hexdigest()[:4]}".lstrip("-")
 
 
 def swept_keys(sweep_dir) -> Optional[Set[str]]:
@@ -32,18 +36,29 @@ def swept_keys(sweep_dir) -> Optional[Set[str]]:
     return {o.key_or_group for o in OverridesParser.create().parse_overrides(raw) if o.is_sweep_override()}
 
 
-def job_folder(overrides, exclude, sweep_dir) -> str:
-    """A sweep job's folder: ``key-value`` of each value swept (the key's last part), e.g.
-    ``arm-saft_lr_scale-3_seed-1``; every override when the swept keys are unknown; cut at MAX_NAME characters with
-    a hash of the whole name kept at the end. No job number: a sweep run again with more values keeps the folders
-    of the jobs it had (``finished=skip`` finds them)."""
-    swept, parts = swept_keys(sweep_dir), []
+def _part(key: str, value: str) -> str:
+    if key == "run_dir":  # eval.py: the evaluated run, by its folder's name
+        return f"run-{_safe(Path(value).name)}"
+    return f"{_safe(key.rsplit('.', 1)[-1])}-{_safe(value)}"
+
+
+def job_folder(num, overrides, sweep_dir, params) -> str:
+    """A sweep job's folder: ``key-value`` of each value swept, in key order (the key's last part), e.g.
+    ``arm-saft_lr_scale-3_seed-1``; cut at MAX_NAME characters with a hash of the whole name kept at the end.
+    The same sweep command (in any order of its arguments, with more values) gives its jobs the same folders, so
+    ``finished=skip`` finds them; a sweep of other keys (``seed=1`` where it swept ``seed=1,2``) names them anew.
+    Without Hydra's multirun.yaml (the Optuna sweeper) the swept keys are ``hydra.sweeper.params`` and the job
+    number comes first: a search may try one point twice."""
+    swept = swept_keys(sweep_dir)
+    numbered = swept is None
+    swept = set(params or {}) if swept is None else swept
+    parts = []
     for override in overrides:
         key, _, value = str(override).partition("=")
         key = key.lstrip("+~")
-        if key not in set(exclude) and not key.startswith("hydra.") and (swept is None or key in swept):
-            parts.append(f"{_safe(key.rsplit('.', 1)[-1])}-{_safe(value)}")
-    name = "_".join(parts) or "job"
+        if key in swept and not key.startswith("hydra."):  # swept, even a key override_dirname leaves out
+            parts.append((key, _part(key, value)))
+    name = "_".join(([str(num)] if numbered else []) + [part for _, part in sorted(parts)]) or "job"
     if len(name) > MAX_NAME:
         name = f"{name[:MAX_NAME - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
     return name

@@ -37,7 +37,7 @@ class ProgressLines(ProgressBar):
         self._samples += extract_batch_size(batch)
         step = trainer.global_step
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        if not self._enabled or step == self._printed or (step % trainer.log_every_n_steps and step < total):
+        if not self._enabled or step in (0, self._printed) or (step % trainer.log_every_n_steps and step < total):
             return
         self._printed = step
         elapsed, done = time.monotonic() - self._started, step - self._first_step
@@ -50,3 +50,13 @@ class ProgressLines(ProgressBar):
         eta = elapsed / max(done, 1) * max(total - step, 0)
         fields.append(f"ETA {timedelta(seconds=round(eta))}")
         log.info(" | ".join(fields))
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._tested = time.monotonic()
+        if self._enabled:
+            batches = sum(trainer.num_test_batches) if trainer.num_test_batches else 0
+            log.info("testing: %d eval sets, %d batches", len(trainer.test_dataloaders or []), batches)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if self._enabled:
+            log.info("tested in %s", timedelta(seconds=round(time.monotonic() - self._tested)))

@@ -221,7 +221,7 @@ def _train(cfg: DictConfig) -> dict:
     results = None
     if trainer.is_global_zero:
         results = write_artifacts(cfg, identity, module, datamodule, mask_callback, before, val_metrics)
-        report_results(trainer, results, [output_dir() / f for f in (RESULTS, DELTA, HEAD)])
+        report_results(trainer, results, [output_dir() / f for f in (RESULTS, DELTA, HEAD)], "train")
         print(comparison_table(results))
     if results and mask_callback is not None and isinstance(trainer.logger, pl.loggers.WandbLogger):
         from saft.report.plots import plot_mask_blocks
@@ -425,6 +425,9 @@ def _evaluate(cfg: DictConfig) -> dict:
         cfg = compose_for_run(run_dir, HydraConfig.get().overrides.task, cfg)
     validate(cfg)
     identity = run_identity(cfg)
+    done = finished_results(identity)
+    if done is not None:
+        return done
     OmegaConf.save(cfg, output_dir() / ".hydra" / "config.yaml")  # the config this evaluation really used
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg, identity, head_classnames(cfg, run_dir) if run_dir is not None else None)
@@ -455,7 +458,7 @@ def _evaluate(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         results = _results(cfg, identity, module, datamodule, num_trainable, changed, extra)
         write_json(output_dir() / RESULTS, results)
-        report_results(trainer, results, [output_dir() / RESULTS])
+        report_results(trainer, results, [output_dir() / RESULTS], "eval")
         log.info("results: %s", output_dir() / RESULTS)
         print(comparison_table(results))
     finish(trainer)

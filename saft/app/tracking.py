@@ -2,6 +2,7 @@
 
 Everything is derived from the run's identity and its results.json, so a dashboard and the report agree.
 """
+import re
 from pathlib import Path
 from typing import Dict, List
 
@@ -58,8 +59,9 @@ def keep_earlier_attempt(metrics: Path) -> None:
     """Lightning's CSV logger deletes the metrics file it finds: a resumed or requeued job keeps the earlier
     attempt's rows as ``metrics.attempt<N>.csv`` beside the new ``metrics.csv``."""
     if metrics.is_file():
-        n = 1 + len(list(metrics.parent.glob("metrics.attempt*.csv")))
-        metrics.rename(metrics.with_name(f"metrics.attempt{n}.csv"))
+        taken = [int(m.group(1)) for p in metrics.parent.glob("metrics.attempt*.csv")
+                 if (m := re.fullmatch(r"metrics\.attempt(\d+)\.csv", p.name))]
+        metrics.rename(metrics.with_name(f"metrics.attempt{max(taken, default=0) + 1}.csv"))
 
 
 def monitors(cfg: DictConfig) -> List[pl.Callback]:
@@ -91,20 +93,22 @@ def summary_metrics(results: dict) -> Dict[str, float]:
     return out
 
 
-def report_results(trainer: pl.Trainer, results: dict, files: List[Path]) -> None:
+def report_results(trainer: pl.Trainer, results: dict, files: List[Path], job_type: str) -> None:
     """The run's summary (numbers to every logger; checksums and identity hashes to wandb's summary) and, on wandb,
-    ``files`` (results.json, the delta, the head) as one artifact of the run."""
+    ``files`` (results.json, the delta, the head) as one artifact, ``<job type>-<identity hash>``: an evaluation of
+    a run on its own data has the run's identity, so the job type keeps their artifacts apart."""
     logger = trainer.logger
     if not logger:
         return
     logger.log_metrics(summary_metrics(results), step=trainer.global_step)
+    logger.save()  # Lightning has finalised its loggers by now: the CSV file gets these rows only when saved
     if isinstance(logger, pl.loggers.WandbLogger):
         import wandb
         run = logger.experiment
         run.summary.update(summary_metrics(results))
         run.summary.update({k: results[k] for k in ("weights_sha256", "base_sha256", "identity_hash", "config_hash",
                                                     "wise_alpha", "zeroshot_from") if results.get(k) is not None})
-        artifact = wandb.Artifact(f"run-{results['identity_hash'][:16]}", type="run",
+        artifact = wandb.Artifact(f"{job_type}-{results['identity_hash'][:16]}", type=job_type,
                                   metadata={k: results.get(k) for k in ("method", "dataset", "seed", "wise_alpha")})
         for path in files:
             if path.is_file():

@@ -357,6 +357,10 @@ def _cross_checks(cfg: DictConfig) -> None:
     accelerator = read(cfg, "trainer.accelerator", "auto")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         _fail("trainer.accelerator", accelerator, "available on this machine, which has no CUDA GPU", "cpu")
+    if (read(cfg, "dataset.datamodule._target_", "").endswith("ImageFolderDataModule")
+            and read(cfg, "dataset.name", "") == "imagefolder"):  # its folder is only where it lies, not what it is
+        _fail("dataset.name", "imagefolder", "your data's own name: runs on two folders would otherwise be one "
+              "configuration in results, reports and resume checks", "birds")
     eval_datasets = read(cfg, "eval_datasets", None) or []
     twice = sorted({n for n in eval_datasets if eval_datasets.count(n) > 1})
     if twice:

@@ -478,7 +478,8 @@ def log_to_wandb(project: str, out: Path, tables: Sequence[Table], images: bool 
     for t in tables:
         header, rows = flat(t)
         run.log({t.name: wandb.Table(columns=header, data=_typed(rows))})
-    run.log({"runs": wandb.Table(dataframe=_read_csv(out / "runs.csv"))})
+    if (out / "runs.csv").stat().st_size > 2:  # a header: at least one finished run
+        run.log({"runs": wandb.Table(dataframe=_read_csv(out / "runs.csv"))})
     if images:
         run.log({p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))})
     run.finish()
