@@ -247,8 +247,8 @@ def test_wandb_runs_a_dashboard_can_filter_group_and_compare(tmp_path):
     runs = [read_run(offline_runs(job)[0]) for job in jobs]
     assert [r["name"].rsplit("_", 1)[0] for r in runs] == ["lr_scale-1", "lr_scale-3"]  # what the sweep varies
     assert {r["group"] for r in runs} == {"adhoc_sweep"} and {r["job_type"] for r in runs} == {"train"}
-    for job, run in zip(jobs, runs):
-        results, summary = read_results(job), {k: json.loads(v) for k, v in run["summary"].items()}
+    for job, logged in zip(jobs, runs):
+        results, summary = read_results(job), {k: json.loads(v) for k, v in logged["summary"].items()}
         assert summary["test/id/top1"] == results["metrics"]["photo"]["top1"]
         assert summary["test/ood_mean/top1"] == pytest.approx(results["ood_mean_top1"])
         assert summary["zeroshot/id/top1"] == results["zeroshot_metrics"]["photo"]["top1"]
@@ -256,13 +256,13 @@ def test_wandb_runs_a_dashboard_can_filter_group_and_compare(tmp_path):
         assert (summary["num_trainable"], summary["weights_sha256"]) == (results["num_trainable"],
                                                                          results["weights_sha256"])
         # the zero-shot test before training is logged under its own prefix, never as the run's test
-        tested = [json.loads(h["test/photo/top1"]) for h in run["history"] if "test/photo/top1" in h]
-        assert {json.loads(h["trainer/global_step"]) for h in run["history"] if "test/photo/top1" in h} == {12}
-        assert any("zeroshot/photo/top1" in h for h in run["history"]) or results["zeroshot_from"] == "cache"
+        tested = [json.loads(h["test/photo/top1"]) for h in logged["history"] if "test/photo/top1" in h]
+        assert {json.loads(h["trainer/global_step"]) for h in logged["history"] if "test/photo/top1" in h} == {12}
+        assert any("zeroshot/photo/top1" in h for h in logged["history"]) or results["zeroshot_from"] == "cache"
         assert tested and all(t == pytest.approx(results["metrics"]["photo"]["top1"]) for t in tested)  # float32 logs
-        assert any("train/lr/pg1" in h for h in run["history"])
-        assert any("train/device/samples_per_sec" in h for h in run["history"])
-        (artifact,) = run["artifacts"]
+        assert any("train/lr/pg1" in h for h in logged["history"])
+        assert any("train/device/samples_per_sec" in h for h in logged["history"])
+        (artifact,) = logged["artifacts"]
         assert artifact["name"] == f"train-{results['identity_hash'][:16]}" and artifact["type"] == "train"
         assert {"results.json", "delta.safetensors"} <= set(artifact["files"])
     run_script("eval.py", [f"run_dir={jobs[1]}", "wise_alpha=0.5", "logger=wandb", "trainer.enable_progress_bar=false",
