@@ -248,3 +248,13 @@ def test_wandb_names_and_groups_come_from_the_identity(tmp_path):
     assert base["group"] == seed2["group"] and base["name"] != seed2["name"]
     assert new["group"] != base["group"] and new["name"] != base["name"]
     assert base["name"].endswith(_identity(tmp_path, ["logger=wandb"]).hash)
+
+
+def test_a_setting_that_takes_its_value_from_the_method_is_the_methods(tmp_path):
+    """trainer.gradient_clip_val is ${method.gradient_clip_val}: FLYP (no clipping) and full FT (1.0) differ in it,
+    and are still runs of one context (the report compares them at matched ID)."""
+    from saft.app.identity import without
+    ft, flyp = _identity(tmp_path, ["+arm=full_ft"]), _identity(tmp_path, ["+arm=flyp"])
+    assert "trainer.gradient_clip_val" in ft.method_keys and ft.settings["trainer.gradient_clip_val"] == 1
+    assert "trainer.gradient_clip_val" not in flyp.settings  # null: dropped
+    assert without(ft.settings, ft.method_keys) == without(flyp.settings, flyp.method_keys)

@@ -54,6 +54,9 @@ LOCATIONS = ("data_dir", "*.data_dir", "dataset.datamodule.root", "dataset.datam
 CONTENT = ("split_file", "dataset.datamodule.split_file")
 LOCATION = "<location>"
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A key outside method/ that takes its value from the method (trainer.gradient_clip_val: ${method.gradient_clip_val})
+# is the method's setting: runs of two methods are compared in one context whatever each sets it to.
+_METHOD_VALUE = re.compile(r"\$\{method\.[A-Za-z0-9_.]+\}")
 
 
 class Identity(NamedTuple):
@@ -176,7 +179,7 @@ def run_identity(cfg: DictConfig) -> Identity:
                 flat_value = LOCATION
             settings[flat_key] = _canonical(flat_value)
     seed_keys = [k for k in settings if k == "seed" or k in refs.get("seed", []) and raw.get(k) == "${seed}"]
-    method_keys = [k for k in settings if k.startswith("method.")
+    method_keys = [k for k in settings if k.startswith("method.") or _METHOD_VALUE.fullmatch(str(raw.get(k)))
                    or (k in refs and all(r.startswith("method.") for r in refs[k]))]
     return Identity(dict(sorted(settings.items())), seed_keys, method_keys)
 

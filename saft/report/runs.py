@@ -30,10 +30,13 @@ class Runs:
 
 
 def _identified(run: dict, config: Path) -> dict:
-    """A run with its identity: the one results.json recorded, or (older runs) derived from its saved config."""
-    if "identity" in run:
-        return run
-    return {**run, **run_identity(OmegaConf.load(config)).as_results()}
+    """A run with its identity: the one results.json recorded, or (older runs) derived from its saved config. Which
+    keys are the method's is read again from the saved config when it gives the recorded identity, so runs made
+    before a rule of ``saft.app.identity`` changed are compared as new runs are."""
+    fresh = run_identity(OmegaConf.load(config))
+    if "identity" not in run:
+        return {**run, **fresh.as_results()}
+    return {**run, "method_keys": fresh.method_keys} if fresh.settings == run["identity"] else run
 
 
 def collect(dirs: Sequence[Path]) -> Runs:
