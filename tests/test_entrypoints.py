@@ -262,6 +262,7 @@ def test_wandb_runs_a_dashboard_can_filter_group_and_compare(tmp_path):
         assert tested and all(t == pytest.approx(results["metrics"]["photo"]["top1"]) for t in tested)  # float32 logs
         assert any("train/lr/pg1" in h for h in logged["history"])
         assert any("train/device/samples_per_sec" in h for h in logged["history"])
+        assert not [k for h in logged["history"] for k in h if k.startswith("test/") and not k.endswith("/top1")]
         (artifact,) = logged["artifacts"]
         assert artifact["name"] == f"train-{results['identity_hash'][:16]}" and artifact["type"] == "train"
         assert {"results.json", "delta.safetensors"} <= set(artifact["files"])

@@ -69,7 +69,18 @@ def monitors(cfg: DictConfig) -> List[pl.Callback]:
     if not cfg.get("logger"):
         return []
     return [LearningRateMonitor(logging_interval="step"),
-            ThroughputMonitor(batch_size_fn=extract_batch_size, window_size=THROUGHPUT_WINDOW)]
+            TrainingThroughput(batch_size_fn=extract_batch_size, window_size=THROUGHPUT_WINDOW)]
+
+
+class TrainingThroughput(ThroughputMonitor):
+    """Lightning's throughput of training (its validation hooks stay: they take validation time out of training's);
+    a test's ``test/time`` and ``test/samples`` would sit among the run's ``test/<set>/top1`` metrics."""
+
+    def on_test_start(self, *args, **kwargs) -> None:
+        pass
+
+    def on_test_batch_end(self, *args, **kwargs) -> None:
+        pass
 
 
 def summary_metrics(results: dict) -> Dict[str, float]:
