@@ -134,7 +134,8 @@ def _check_model(cfg, option):
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_option_composes_and_instantiates(tmp_path, monkeypatch, config_name, group, option):
     data_dir = [f"data_dir={tmp_path / 'no_data'}"] if group == "dataset" else []  # a folder without data
-    cfg = compose_cfg(tmp_path, [f"{group}={option}", *data_dir], config_name)
+    named = ["dataset.name=mine"] if option == "imagefolder" else []  # its default name is refused (validate)
+    cfg = compose_cfg(tmp_path, [f"{group}={option}", *data_dir, *named], config_name)
     with monkeypatch.context() as m:  # the GPU trainer's config is checked as on a machine with a GPU
         m.setattr(torch.cuda, "is_available", lambda: True)
         validate(cfg)  # the run's own checks accept every option
