@@ -589,3 +589,13 @@ def test_row_labels_show_what_varies_within_each_method_once_and_in_numeric_orde
     assert [name for name, _ in _rows(runs)] == [
         "full_ft, lr=1e-05", "full_ft, lr=3e-05", "full_ft, lr=0.0001",
         *(f"saft, lr={lr}, sparsity={s}" for lr in ("0.001", "0.003", "0.01") for s in ("0.001", "0.01"))]
+
+
+def test_labels_keep_two_settings_that_only_vary_together():
+    """The mask's exclusions and its sparsity change together in fmnist_tradeoff's SAFT arms; both tell the rows
+    apart, unlike lr_scale and the lr it sets."""
+    from saft.report.tables import _rows
+    runs = [_identified({**_run("saft", 1, 25.0, 79.0, 1e-3), "sparsity": s, "extra_settings": {
+        "method.mask.exclude": exclude, "lr_scale": 1}}) for s, exclude in ((0.001, []), (0.01, ["conv1"]))]
+    assert [name for name, _ in _rows(runs)] == ['saft, mask.exclude=["conv1"], sparsity=0.01',
+                                                "saft, mask.exclude=[], sparsity=0.001"]

@@ -97,7 +97,7 @@ def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
     assert proc.returncode != 0
     done = [p.parent for p in tmp_path.glob("*/results.json")]
     failed = [p.parent for p in tmp_path.glob("*/error.txt")]
-    assert len(done) == 1 and "sparsity=0.01" in done[0].name
+    assert len(done) == 1 and done[0].name == "sparsity-0.01"
     assert len(failed) == 1 and "must be a number in (0, 1]" in (failed[0] / "error.txt").read_text()
 
 

@@ -176,7 +176,8 @@ def test_every_config_option_passes(tmp_path, monkeypatch, choice, config_name):
     """The rules accept the project's own configs (validate reads no data, so ImageNet/CoOp need no files;
     the GPU configs are checked as on a machine with a GPU)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    validate(compose_cfg(tmp_path, [choice], config_name))
+    named = ["dataset.name=mine"] if choice == "dataset=imagefolder" else []  # its default name is refused
+    validate(compose_cfg(tmp_path, [choice, *named], config_name))
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))

@@ -137,10 +137,24 @@ def short(key: str) -> str:
 
 
 def _partition(runs: Sequence[dict], key: str) -> Tuple:
-    """How ``key`` splits ``runs``: each run's group number, so keys that split alike (``lr_scale`` and the ``lr``
-    it sets) give one partition whatever their values."""
+    """How ``key`` splits ``runs``: each run's group number."""
     first: Dict[str, int] = {}
     return tuple(first.setdefault(json.dumps(settings(r).get(key), sort_keys=True), len(first)) for r in runs)
+
+
+def _same_information(runs: Sequence[dict], a: str, b: str) -> bool:
+    """Whether ``b`` repeats ``a`` over ``runs``: the same values (``sparsity`` and the mask's ``sparsity`` it sets),
+    or numbers at one ratio (``lr`` = base lr x ``lr_scale``). Two settings that merely vary together in a sweep
+    (the mask's exclusions and its sparsity) are both shown."""
+    pairs = [(settings(r).get(a), settings(r).get(b)) for r in runs]
+    if all(x == y for x, y in pairs):
+        return True
+    numbers = [(x, y) for x, y in pairs if isinstance(x, (int, float)) and isinstance(y, (int, float))
+               and not isinstance(x, bool) and not isinstance(y, bool) and x and y]
+    if len(numbers) < len(pairs) or _partition(runs, a) != _partition(runs, b):
+        return False
+    ratios = [y / x for x, y in numbers]
+    return max(ratios) - min(ratios) <= 1e-9 * max(abs(q) for q in ratios)
 
 
 def _skipped(key: str, skip: Sequence[str]) -> bool:
@@ -149,8 +163,8 @@ def _skipped(key: str, skip: Sequence[str]) -> bool:
 
 def varying(runs: Sequence[dict], skip: Sequence[str] = ()) -> Dict[str, List[str]]:
     """Method -> the identity keys (but ``skip``) whose values differ among its configurations (the seed aside).
-    Keys that split the runs alike (``lr_scale`` and the ``lr`` it sets, ``shots`` and the datamodule's) show
-    once: by the shortest name, the outermost key of those."""
+    Keys that repeat one another (``lr_scale`` and the ``lr`` it sets, ``shots`` and the datamodule's: see
+    :func:`_same_information`) show once: by the shortest name, the outermost key of those."""
     by_method: Dict[str, List[dict]] = {}
     for r in runs:
         by_method.setdefault(_method(r), []).append(r)
@@ -158,11 +172,12 @@ def varying(runs: Sequence[dict], skip: Sequence[str] = ()) -> Dict[str, List[st
     for method, members in by_method.items():
         keys = sorted({k for r in members for k in settings(r) if not _skipped(k, skip)},
                       key=lambda k: (len(short(k)), k.count("."), k))
-        chosen: Dict[Tuple, str] = {}
+        chosen: List[str] = []
         for key in keys:
-            if key != "method.name" and len(set(_partition(members, key))) > 1:
-                chosen.setdefault(_partition(members, key), key)
-        found[method] = sorted(chosen.values(), key=lambda k: (short(k), k))
+            if (key != "method.name" and len(set(_partition(members, key))) > 1
+                    and not any(_same_information(members, c, key) for c in chosen)):
+                chosen.append(key)
+        found[method] = sorted(chosen, key=lambda k: (short(k), k))
     return found
 
 
