@@ -65,7 +65,7 @@ def keep_earlier_attempt(metrics: Path) -> None:
 
 
 def monitors(cfg: DictConfig) -> List[pl.Callback]:
-    """Lightning's learning-rate (``train/lr``) and throughput (``train/samples_per_sec``) logging."""
+    """Lightning's learning-rate (``train/lr/pg<N>``) and throughput (``train/device/samples_per_sec``) logging."""
     if not cfg.get("logger"):
         return []
     return [LearningRateMonitor(logging_interval="step"),
@@ -111,12 +111,13 @@ def report_results(trainer: pl.Trainer, results: dict, files: List[Path], job_ty
     logger = trainer.logger
     if not logger:
         return
-    logger.log_metrics(summary_metrics(results), step=trainer.global_step)
+    summary = summary_metrics(results)
+    logger.log_metrics(summary, step=trainer.global_step)
     logger.save()  # Lightning has finalised its loggers by now: the CSV file gets these rows only when saved
     if isinstance(logger, pl.loggers.WandbLogger):
         import wandb
         run = logger.experiment
-        run.summary.update(summary_metrics(results))
+        run.summary.update(summary)
         run.summary.update({k: results[k] for k in ("weights_sha256", "base_sha256", "identity_hash", "config_hash",
                                                     "wise_alpha", "zeroshot_from") if results.get(k) is not None})
         artifact = wandb.Artifact(f"{job_type}-{results['identity_hash'][:16]}", type=job_type,
