@@ -55,7 +55,8 @@ def child(args) -> dict:
                  "checkpoint.every_n_train_steps=100000", "logger=csv", "eval_zeroshot=false",
                  f"model.batch_first_attention={args.attention == 'batch_first'}", f"hydra.run.dir={out}"]
     if args.method == "saft":
-        overrides += [f"method.mask.scope={args.scope}", f"method.mask.selection={args.selection}"]
+        overrides += [f"method.mask.scope={args.scope}", f"method.mask.selection={args.selection}",
+                      f"method.mask.sparse_grads={args.gradients == 'sparse'}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
     with open_dict(cfg):
@@ -144,6 +145,8 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--scope", choices=["global", "per_tensor"], default="global", help="SAFT's top-k scope")
     parser.add_argument("--selection", choices=["gradient", "random"], default="gradient", help="SAFT's mask")
+    parser.add_argument("--gradients", choices=["sparse", "dense"], default="sparse",
+                        help="SAFT's weight gradients: the k entries alone, or dense and masked (method.mask.sparse_grads)")
     parser.add_argument("--attention", choices=["batch_first", "stock"], default="batch_first",
                         help="self-attention of both methods: saft.app.attention (default) or nn.MultiheadAttention's")
     parser.add_argument("--json", metavar="PATH", help="also write the figures printed, ratios included, to PATH")
@@ -169,7 +172,7 @@ def main():
             cmd = [sys.executable, __file__, "--child", method, "--out", f"{tmp}/{method}", "--model", args.model,
                    "--batch", str(args.batch), "--shots", str(args.shots), "--steps", str(args.steps),
                    "--threads", str(args.threads), "--scope", args.scope, "--selection", args.selection,
-                   "--attention", args.attention, "--accelerator", args.accelerator]
+                   "--gradients", args.gradients, "--attention", args.attention, "--accelerator", args.accelerator]
             cmd += (["--precision", args.precision] if args.precision else []) + (
                 ["--imagenet", args.imagenet] if args.imagenet else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
@@ -206,7 +209,8 @@ def report(args, r):
          saft["eval_loop_ips"] / saft["eval_alone_ips"], ">= 0.9"),
     ]
     print(f"\nmodel={args.model} batch={args.batch} shots={args.shots} ({args.classes} classes) steps={args.steps} "
-          f"threads={args.threads} attention={args.attention}; SAFT mask {args.selection}/{args.scope} "
+          f"threads={args.threads} attention={args.attention}; SAFT mask {args.selection}/{args.scope}, "
+          f"{args.gradients} gradients, "
           f"k={saft['k']}, tensors frozen by the mask: {saft['frozen_tensors']}/{saft['tensors']}")
     print("| measure | full FT (or reference) | SAFT | ratio | target |\n|---|---|---|---|---|")
     for name, a, b, ratio, target in rows:
@@ -219,7 +223,7 @@ def report(args, r):
         figures = {key: {"full_ft": a, "saft": b, "ratio": ratio} for key, (_, a, b, ratio, _) in zip(keys, rows)}
         Path(args.json).write_text(json.dumps({
             "settings": {k: getattr(args, k) for k in ("model", "batch", "shots", "steps", "threads", "scope",
-                                                       "selection", "attention", "accelerator", "precision",
+                                                       "selection", "gradients", "attention", "accelerator", "precision",
                                                        "imagenet", "classes")},
             "eval_images_per_s": {"loop": saft["eval_loop_ips"], "model_alone": saft["eval_alone_ips"]},
             "k": saft["k"], "frozen_tensors": saft["frozen_tensors"], "tensors": saft["tensors"],

@@ -22,6 +22,7 @@ from saft.mask import (SCOPES, SCORES, Mask, check_patterns, check_sparsity, fla
                        random_scores, select_topk, unflatten_mask)
 from saft.optim import MaskedAdamW
 from saft.select import eligible_parameters, rebatch, select_mask
+from saft.sparse_grad import Leaf, SparseGradients
 
 log = logging.getLogger(__name__)
 SELECTIONS = ("gradient", "random", "magnitude")
@@ -41,11 +42,15 @@ class SparseMaskCallback(pl.Callback):
     The mask is part of the callback state, so a resumed run restores it instead of recomputing it.
     ``model_attr`` names the LightningModule's attribute that holds the network to sparsify (``None``: the
     LightningModule itself); mask names are relative to it.
+    ``sparse_grads``: autograd forms only the k selected entries' gradients (``saft.sparse_grad``; the same
+    training to float rounding, without a dense weight gradient); ``False`` keeps the dense gradients and masks
+    them after each backward, as runs before the switch did (bit for bit).
     """
 
     def __init__(self, sparsity: float = 0.001, selection: str = "gradient", score: str = "abs_sum",
                  scope: str = "global", include: Sequence[str] = (), exclude: Sequence[str] = (),
-                 seed: int = 0, model_attr: Optional[str] = None, batch_size: Optional[int] = None):
+                 seed: int = 0, model_attr: Optional[str] = None, batch_size: Optional[int] = None,
+                 sparse_grads: bool = True):
         for value, allowed, key in ((selection, SELECTIONS, "selection"), (score, SCORES, "score"),
                                     (scope, SCOPES, "scope")):
             if value not in allowed:
@@ -58,8 +63,12 @@ class SparseMaskCallback(pl.Callback):
             raise ConfigError(f"method.mask.batch_size={batch_size!r} must be a positive integer (or null: the "
                               f"scoring loader's batches)")
         self.batch_size = batch_size  # the scoring pass's batches are cut to this many examples (peak memory)
+        self.sparse_grads = bool(sparse_grads)
         self.masks: Optional[Mask] = None
         self.stats: Dict[str, int] = {}
+        self._leaves: Dict[torch.nn.Parameter, Leaf] = {}
+        self._routing: Optional[SparseGradients] = None
+        self._routing_on = False
 
     @property
     def settings(self):
@@ -91,6 +100,11 @@ class SparseMaskCallback(pl.Callback):
                                   f"unselected entry; got {type(optimizer).__name__}")
             optimizer.set_masks({eligible[n]: idx for n, idx in self.masks.items()})
         self._masked = [(trainable[n], idx.to(pl_module.device)) for n, idx in self.masks.items()]
+        if self.sparse_grads:
+            self._leaves = {trainable[n]: Leaf(trainable[n], idx) for n, idx in self.masks.items()}
+            for optimizer in trainer.optimizers:
+                optimizer.use_sparse_gradients({p: leaf.values for p, leaf in self._leaves.items()})
+            self._routing = SparseGradients(self._leaves)
         self._freeze_unselected(trainer, pl_module, trainable)
         if trainer.logger is not None:
             trainer.logger.log_metrics({k_: float(v) for k_, v in self.stats.items()}, step=0)
@@ -114,8 +128,14 @@ class SparseMaskCallback(pl.Callback):
                 p.requires_grad_(False)
         strategy = trainer.strategy
         if isinstance(strategy.model, DistributedDataParallel):
-            strategy.model = strategy._setup_model(pl_module)
-            strategy._register_ddp_hooks()
+            leaves = {id(p) for p in self._leaves}  # their k gradients are all-reduced in on_before_optimizer_step
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                pl_module, [n for n, p in pl_module.named_parameters() if id(p) in leaves])
+            if any(p.requires_grad and id(p) not in leaves for p in pl_module.parameters()):
+                strategy.model = strategy._setup_model(pl_module)
+                strategy._register_ddp_hooks()
+            else:  # nothing left for DDP to reduce (it refuses such a model): the steps call the module itself
+                strategy.model = pl_module
         elif trainer.world_size > 1:
             raise ConfigError(f"masked methods support the ddp strategies; got {type(strategy).__name__}")
 
@@ -149,6 +169,39 @@ class SparseMaskCallback(pl.Callback):
         return (trainer.datamodule or pl_module).train_dataloader()
 
     # --- training ----------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._routing is not None:
+            self._routing.__enter__()
+            self._routing_on = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._stop_routing()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._stop_routing()
+
+    def _stop_routing(self) -> None:
+        if self._routing_on:
+            self._routing.__exit__(None, None, None)
+            self._routing_on = False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Under DDP, the k gradients of each masked tensor are averaged over the ranks here (DDP ignores the
+        masked tensors), once per optimizer step, as DDP would average the dense ones."""
+        grads = [leaf.values.grad for leaf in self._leaves.values() if leaf.values.grad is not None]
+        if grads and _distributed():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        for optimizer in trainer.optimizers:
+            if isinstance(optimizer, MaskedAdamW):
+                optimizer.use_dense_gradients()
+        self._leaves, self._routing = {}, None
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Linear, so also right for unscaled fp16 grads and for unreduced micro-batch grads.
         for p, idx in self._masked:

@@ -28,6 +28,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.masks: Optional[Dict[torch.Tensor, torch.Tensor]] = None
+        self.targets: Dict[torch.Tensor, torch.Tensor] = {}  # leaf of k gradients -> the parameter it updates
 
     @classmethod
     def from_mask(cls, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], **kwargs) -> "MaskedAdamW":
@@ -58,6 +59,26 @@ class MaskedAdamW(torch.optim.Optimizer):
                               "flat row-major positions; call model.to(memory_format=torch.contiguous_format)")
         self.masks = {p: idx.to(p.device) for p, idx in masks.items()}
 
+    def use_sparse_gradients(self, leaves: Dict[torch.Tensor, torch.Tensor]) -> None:
+        """``{masked parameter: leaf}``, a leaf being a tensor of the parameter's k selected entries whose
+        ``.grad`` holds their gradients (:mod:`saft.sparse_grad`). Each leaf takes its parameter's place in the
+        param groups, so clipping, gradient scaling and ``zero_grad`` see the k gradients and the state dict keeps
+        its layout (a dense run's checkpoint resumes here and back); the step writes the parameter."""
+        self._swap(leaves)
+        self.targets.update({leaf: p for p, leaf in leaves.items()})
+
+    def use_dense_gradients(self) -> None:
+        """Undoes :meth:`use_sparse_gradients`: the parameters are back in their places, with their state."""
+        self._swap(self.targets)
+        self.targets = {}
+
+    def _swap(self, places: Dict[torch.Tensor, torch.Tensor]) -> None:
+        for group in self.param_groups:
+            group["params"] = [places.get(p, p) for p in group["params"]]
+        for old, new in places.items():
+            if old in self.state:
+                self.state[new] = self.state.pop(old)
+
     @torch.no_grad()
     def step(self, closure=None):
         if self.masks is None:
@@ -70,11 +91,12 @@ class MaskedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                idx = slice(None) if group.get("dense") else self.masks.get(p)
+                target = self.targets.get(p, p)
+                idx = slice(None) if group.get("dense") else self.masks.get(target)
                 if idx is None or p.grad is None:
                     continue
-                flat = p.view(-1)
-                grad = p.grad.reshape(-1)[idx]
+                flat = target.view(-1)
+                grad = p.grad if target is not p else p.grad.reshape(-1)[idx]
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)

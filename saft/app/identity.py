@@ -39,6 +39,8 @@ IGNORED = {  # patterns on flat keys (a key matches its own name, anything below
     "model.batch_first_attention": "the same attention computed without a transpose: results differ by float rounding "
                                    "only (tests/test_attention.py), so older runs resume and report with newer ones",
     "method.mask.batch_size": "the scoring pass sums over every example whatever the batch (as *eval_batch_size)",
+    "method.mask.sparse_grads": "the k selected entries' gradients formed alone or gathered from the dense ones: "
+                                "training differs by float rounding only (tests/test_sparse_grad.py)",
     "logger": "where metrics are logged",
     "checkpoint": "when and where checkpoints are written; the final state is always saved",
     "trainer.enable_progress_bar": "display only",

@@ -1,4 +1,5 @@
 """The LightningModule: an open_clip model classifying images with a text head, and its evaluation."""
+import hashlib
 import math
 from contextlib import contextmanager
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -46,6 +47,8 @@ class CLIPClassifier(pl.LightningModule):
     text head wherever it applies; ``trainable`` (regexes) narrows the trained parameters (BitFit: biases);
     ``lp_fraction`` makes the first part of training a linear probe (LP-FT): the CLIP gradients are dropped
     after each backward, so the optimizer skips those parameters (no step, no weight decay, no moments).
+    ``frozen_features``: the training images are not augmented, so while the image tower is frozen each
+    training image's features are computed once, alone, when it is first drawn, and reused (keyed by its bytes).
     """
 
     flops_per_batch = None  # Lightning's ThroughputMonitor: samples/s and batches/s, FLOPs not counted
@@ -55,7 +58,7 @@ class CLIPClassifier(pl.LightningModule):
                  identity: Optional[dict] = None, head: Optional[nn.Module] = None,
                  trainable: Sequence[str] = (), lp_fraction: float = 0.0, head_lr: Optional[float] = None,
                  head_weight_decay: Optional[float] = None, probe=None, warmup_lr: Optional[float] = None,
-                 decay_exclusions: str = "open_clip"):
+                 decay_exclusions: str = "open_clip", frozen_features: bool = False):
         super().__init__()
         self.model, self.tokenizer, self.optimizer_factory = model, tokenizer, optimizer
         self.warmup_fraction, self.schedule, self.identity = warmup_fraction, schedule, identity
@@ -74,6 +77,8 @@ class CLIPClassifier(pl.LightningModule):
         self._columns: Dict[str, Optional[list]] = {}  # eval set -> its classes' columns of the linear head
         self.probe_steps = 0  # LP-FT: optimizer steps of the linear-probe phase (set with the schedule)
         self.zero_shot = False  # True: evaluate with the text head (the reference before training)
+        self.frozen_features = frozen_features
+        self._features: Optional[Dict[bytes, torch.Tensor]] = None  # image bytes -> features, while fitting
 
     @contextmanager
     def text_head_only(self):
@@ -169,7 +174,7 @@ class CLIPClassifier(pl.LightningModule):
 
     # --- forward and loss --------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, head: Head) -> torch.Tensor:
-        features = self.model.encode_image(images, normalize=True)
+        features = self._image_features(images)
         logits = self.logit_scale() * features @ head.text.to(features.dtype)
         if head.change is not None:
             logits = logits + features @ head.change.to(features.dtype)
@@ -178,7 +183,22 @@ class CLIPClassifier(pl.LightningModule):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self._features is None or not self.training:
+            return self.model.encode_image(images, normalize=True)
+        keys = [hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).digest() for image in images]
+        with torch.no_grad():  # each image alone: its features do not depend on the images beside it in a batch
+            for key, image in zip(keys, images):
+                if key not in self._features:
+                    self._features[key] = self.model.encode_image(image[None], normalize=True)[0]
+        return torch.stack([self._features[key] for key in keys])
+
+    def on_fit_end(self) -> None:
+        self._features = None
+
     def on_fit_start(self) -> None:
+        image_frozen = not any(p.requires_grad for n, p in self.model.named_parameters() if tower_of(n) == "image")
+        self._features = {} if self.frozen_features and image_frozen and not self.lp_fraction else None
         # A fresh linear head starts as the references' does; a resumed one keeps what its checkpoint restored.
         if isinstance(self.head, LinearHead) and self.restore_from is None:
             self.head.initialise(self.logit_scale().detach() * self._zero_shot_head(0))
@@ -191,8 +211,10 @@ class CLIPClassifier(pl.LightningModule):
 
     def on_after_backward(self) -> None:
         if self.global_step < self.probe_steps:  # LP-FT's probe phase: CLIP is not stepped (see the class doc)
-            for p in self.model.parameters():
-                p.grad = None
+            for group in self.trainer.optimizers[0].param_groups:  # CLIP's tensors, or a mask's leaves in their place
+                if not group.get("head"):
+                    for p in group["params"]:
+                        p.grad = None
 
     def per_example_loss(self, batch) -> torch.Tensor:
         """Cross-entropy of each example: what SAFT's mask scores are summed from."""

@@ -100,7 +100,9 @@ def build(cfg: DictConfig, identity: Optional[Identity] = None, head_classnames:
     datamodule = build_datamodule(cfg)
     model, train_tf, eval_tf, tokenizer = load_clip(**resolve_pretrained(cfg.model))
     method = cfg.method
-    if method.get("augment"):
+    if method.get("augment") is False:  # no augmentation: the training images as evaluation sees them
+        train_tf = eval_tf
+    elif method.get("augment"):
         train_tf = augmented_transform(model, **method.augment)
     datamodule.set_transforms(train_tf, eval_tf)
     optimizer = hydra.utils.instantiate(method.optimizer) if method.train else None
@@ -118,7 +120,8 @@ def build(cfg: DictConfig, identity: Optional[Identity] = None, head_classnames:
                             head_lr=method.get("head_lr"), head_weight_decay=method.get("head_weight_decay"),
                             probe=hydra.utils.instantiate(method.probe) if method.get("probe") else None,
                             warmup_lr=method.get("warmup_lr") if method.get("warmup") == "constant" else None,
-                            decay_exclusions=method.get("decay_exclusions", "open_clip"))
+                            decay_exclusions=method.get("decay_exclusions", "open_clip"),
+                            frozen_features=method.get("augment") is False)
     return datamodule, module
 
 

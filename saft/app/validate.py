@@ -99,6 +99,7 @@ DEVICE_LIST: Check = lambda v: None if isinstance(v, list) and v and all(_is_int
 BOOL: Check = lambda v: None if isinstance(v, bool) else "true or false"
 STRING: Check = lambda v: None if isinstance(v, str) and v else "a non-empty string"
 FILE: Check = lambda v: None if isinstance(v, str) and Path(v).is_file() else "an existing file"
+FALSE: Check = lambda v: None if v is False else "false"
 DICT: Check = lambda v: None if isinstance(v, dict) else "a mapping"
 DIR: Check = lambda v: None if isinstance(v, str) and Path(v).is_dir() else "an existing directory"
 PROMPTS: Check = lambda v: None if isinstance(v, list) and v and all(isinstance(t, str) and "{}" in t for t in v) \
@@ -229,7 +230,7 @@ RULES = TOP + (
     Rule("method.decay_exclusions", choice("open_clip", "none"), "open_clip"),
     Rule("method.warmup", choice("linear", "constant"), "linear"),
     Rule("method.warmup_lr", either(NULL, number("> 0")), "1e-5"),
-    Rule("method.augment", either(NULL, DICT), "{scale:[0.08,1.0],hflip:true}"),
+    Rule("method.augment", either(NULL, FALSE, DICT), "{scale:[0.08,1.0],hflip:true}"),
     Rule("method.augment.scale", pair_in("(0, 1]"), "[0.08,1.0]"),
     Rule("method.augment.hflip", BOOL, "true"),
     Rule("method.probe", either(NULL, DICT), "null"),

@@ -1,0 +1,186 @@
+"""Sparse weight gradients (``method.mask.sparse_grads``): each masked tensor's k selected entries get the
+gradients the dense backward gives them (to float rounding), no dense weight gradient is formed, the input
+gradients are the stock ones, and training matches the dense path with every unselected entry bit-exact."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import FAST, checkpoint, ckpt_masks, ckpt_params, compose_cfg
+from saft.app import run
+from saft.app.attention import BatchFirstAttention
+from saft.optim import MaskedAdamW
+from saft.sparse_grad import WAYS, Leaf, SparseGradients, matrix_entries_grad
+
+
+class Net(nn.Module):
+    """Every way a CLIP reads a parameter: a patch conv and a padded conv, an embedding with a padding row,
+    linears, both attention paths, a LayerNorm, a bare projection matrix and an additive embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4, bias=False)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.emb = nn.Embedding(30, 8, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(8) / 10)
+        self.attn = BatchFirstAttention(8, 2, batch_first=True)
+        self.stock = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 16)
+        self.ln = nn.LayerNorm(16)
+        self.proj = nn.Parameter(torch.randn(16, 4) / 4)
+
+    def forward(self, images, ids):
+        x = self.conv(self.patch(images)).flatten(2).transpose(1, 2)
+        x = torch.cat([x, self.emb(ids) + self.pos], 1)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.stock(x, x, x, need_weights=False)[0]
+        return self.ln(F.gelu(self.fc(x))).mean(1) @ self.proj
+
+
+def _inputs():
+    images = torch.randn(3, 3, 8, 8, requires_grad=True)
+    ids = torch.randint(0, 30, (3, 6))
+    ids[0, :2] = 0  # the padding row gets no gradient
+    return images, ids
+
+
+def _masks(net, fraction, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randperm(p.numel(), generator=g)[: max(1, int(fraction * p.numel()))].sort().values
+            for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 1.0])
+def test_every_op_gives_the_selected_entries_of_the_dense_gradient(fraction):
+    torch.manual_seed(0)
+    net, (images, ids) = Net(), _inputs()
+    loss = net(images, ids).pow(2).sum()
+    loss.backward()
+    dense = {n: p.grad.clone() for n, p in net.named_parameters()}
+    image_grad = images.grad.clone()
+    images.grad = None
+    net.zero_grad(set_to_none=True)
+    masks = _masks(net, fraction)
+    leaves = {p: Leaf(p, masks[n]) for n, p in net.named_parameters()}
+    with SparseGradients(leaves):
+        routed = net(images, ids).pow(2).sum()
+    routed.backward()
+    assert torch.equal(routed, loss)
+    assert torch.equal(images.grad, image_grad)  # the input gradient is the stock ops' own
+    for n, p in net.named_parameters():
+        assert p.grad is None, n  # no dense weight gradient
+        torch.testing.assert_close(leaves[p].values.grad, dense[n].reshape(-1)[masks[n]], rtol=1e-5, atol=1e-6,
+                                   msg=n)
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("pattern", ["scattered", "two rows", "two columns"])
+def test_the_three_ways_agree_with_the_dense_product(way, pattern):
+    g, x = torch.randn(50, 12), torch.randn(50, 20)
+    weight = nn.Parameter(torch.zeros(12, 20))
+    flat = {"scattered": torch.randperm(240)[:30], "two rows": torch.cat([torch.arange(20), torch.arange(100, 120)]),
+            "two columns": torch.arange(12) * 20 + 3}[pattern].sort().values
+    leaf = Leaf(weight, flat)
+    torch.testing.assert_close(matrix_entries_grad(leaf, g, x, way), (g.t() @ x).reshape(-1)[flat], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_bf16_autocast_matches_the_dense_gradient_to_its_rounding():
+    torch.manual_seed(0)
+    fc, x = nn.Linear(32, 16), torch.randn(64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fc(x).float().pow(2).sum().backward()
+    idx = torch.randperm(fc.weight.numel())[:20].sort().values
+    dense, fc.weight.grad = fc.weight.grad.reshape(-1)[idx], None
+    leaf = Leaf(fc.weight, idx)
+    with SparseGradients({fc.weight: leaf}), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fc(x)
+    out.float().pow(2).sum().backward()
+    assert out.dtype == torch.bfloat16 and fc.weight.grad is None
+    torch.testing.assert_close(leaf.values.grad, dense, rtol=2e-2, atol=1e-2)
+
+
+def test_outside_the_mode_or_without_grad_nothing_is_routed():
+    fc = nn.Linear(4, 4)
+    leaf = Leaf(fc.weight, torch.tensor([0, 5]))
+    with SparseGradients({fc.weight: leaf}), torch.no_grad():
+        fc(torch.randn(2, 4))
+    fc(torch.randn(2, 4)).sum().backward()
+    assert leaf.values.grad is None and fc.weight.grad is not None
+
+
+def test_a_leaf_steps_its_parameter_exactly_as_the_masked_dense_gradient_and_states_interchange():
+    torch.manual_seed(0)
+    dense_w = nn.Parameter(torch.randn(6, 5))
+    sparse_w = nn.Parameter(dense_w.detach().clone())
+    idx = torch.tensor([1, 7, 8, 29])
+    dense = MaskedAdamW([dense_w], lr=0.1, weight_decay=0.1)
+    dense.set_masks({dense_w: idx})
+    sparse = MaskedAdamW([sparse_w], lr=0.1, weight_decay=0.1)
+    sparse.set_masks({sparse_w: idx})
+    leaf = Leaf(sparse_w, idx)
+    sparse.use_sparse_gradients({sparse_w: leaf.values})
+    for step in range(3):
+        grad = torch.randn(6, 5)
+        dense_w.grad, leaf.values.grad = grad, grad.reshape(-1)[idx].clone()
+        dense.step()
+        sparse.step()
+        assert torch.equal(dense_w, sparse_w), step
+    # The state dict has the same layout either way: a dense run's checkpoint resumes sparse, and back.
+    sparse.use_dense_gradients()
+    assert sparse.param_groups[0]["params"][0] is sparse_w
+    restored = MaskedAdamW([sparse_w], lr=0.1, weight_decay=0.1)
+    restored.set_masks({sparse_w: idx})
+    restored.use_sparse_gradients({sparse_w: leaf.values})
+    restored.load_state_dict(copy.deepcopy(dense.state_dict()))  # as read from a checkpoint
+    grad = torch.randn(6, 5)
+    dense_w.grad, leaf.values.grad = grad, grad.reshape(-1)[idx].clone()
+    dense.step()
+    restored.step()
+    assert torch.equal(dense_w, sparse_w)
+
+
+def _train(tmp_path, name, overrides):
+    cfg = compose_cfg(tmp_path / name, FAST + list(overrides))
+    return run.train(cfg), checkpoint(tmp_path / name)
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_training_matches_the_dense_path_and_keeps_every_unselected_entry(tmp_path, monkeypatch, scope):
+    seen = []
+    step = MaskedAdamW.step
+
+    def recording_step(self, closure=None):
+        loss = step(self, closure)
+        seen.append((len(self.targets), [p for p in self.targets.values() if p.grad is not None]))
+        return loss
+    monkeypatch.setattr(MaskedAdamW, "step", recording_step)
+    common = ["sparsity=0.01", f"method.mask.scope={scope}", "eval_zeroshot=false"]
+    sparse, sparse_ckpt = _train(tmp_path, "sparse", common)
+    assert seen and all(n > 0 and not dense_grads for n, dense_grads in seen)  # leaves used, no dense .grad
+    seen.clear()
+    dense, dense_ckpt = _train(tmp_path, "dense", common + ["method.mask.sparse_grads=false"])
+    assert seen and all(n == 0 for n, _ in seen)
+    masks = ckpt_masks(sparse_ckpt)
+    assert {n: i.tolist() for n, i in masks.items()} == {n: i.tolist() for n, i in ckpt_masks(dense_ckpt).items()}
+    from saft.app.clip import load_clip
+    base = {n: p.detach() for n, p in load_clip("saft-tiny", None, 0)[0].named_parameters()}
+    a, b = ckpt_params(sparse_ckpt), ckpt_params(dense_ckpt)
+    towers = {n.split(".")[0] for n in masks}
+    assert scope == "global" or {"visual", "transformer", "token_embedding"} <= towers
+    for n, p in base.items():
+        outside = torch.ones(p.numel(), dtype=torch.bool)
+        if n in masks:
+            outside[masks[n]] = False
+        assert torch.equal(a[n].reshape(-1)[outside], p.reshape(-1)[outside]), n  # bit-exact
+        assert torch.equal(b[n].reshape(-1)[outside], p.reshape(-1)[outside]), n
+        if n in masks:
+            moved = (a[n] - p).reshape(-1)[masks[n]].abs().max()
+            assert moved > 0, n
+            # The gradients differ by float rounding (another summation order); Adam steps of ~lr each.
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-6, msg=n)
+    assert sparse["metrics"].keys() == dense["metrics"].keys()
+    for name in sparse["metrics"]:
+        assert abs(sparse["metrics"][name]["top1"] - dense["metrics"][name]["top1"]) <= 100 / dense["metrics"][name]["n"]
