@@ -1,10 +1,12 @@
-"""What the mask's scoring pass costs per score: |Σg| (one backward per batch) against Σ|g| and Σg² (one
-backward per example), on the CLIP app's model and data, side by side in one process.
+"""What the mask's scoring pass costs per score: |Σg| (one backward per batch) against Σ|g| and Σg² (per-example
+gradients by torch.func, and one backward per example as before), on the CLIP app's model and data, side by side
+in one process (each pass run --repeat times after a warm-up; the median is printed).
 
     python benchmarks/scoring_cost.py --model fmnist_clip --shots 16
 """
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,8 @@ def main() -> None:
     parser.add_argument("--model", default="fmnist_clip", choices=["tiny", "fmnist_clip", "vit_b16"])
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--batch", type=int, default=64, help="scoring batch size (eval_batch_size)")
+    parser.add_argument("--include", default="", help="regex of the eligible tensors (e.g. ^visual: the image tower)")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
     import torch
@@ -38,19 +42,26 @@ def main() -> None:
     HydraConfig.instance().set_config(cfg)
     datamodule, module = run.build(cfg)
     module.use_datamodule(datamodule)
-    params = eligible_parameters(module.model)
+    params = eligible_parameters(module.model, [args.include] if args.include else [])
     batches = list(datamodule.mask_dataloader())
     n = sum(len(b[1]) for b in batches)
     seconds = {}
-    for score in ("abs_sum", "sum_abs", "fisher"):
-        start = time.perf_counter()
-        gradient_sums(module.model, params, batches, lambda _, b: module.per_example_loss(b), score)
-        seconds[score] = time.perf_counter() - start
+    passes = [("abs_sum", "abs_sum", None), ("sum_abs", "sum_abs", None), ("fisher", "fisher", None),
+              ("sum_abs, a backward per example", "sum_abs", 0), ("fisher, a backward per example", "fisher", 0)]
+    for label, score, chunk in passes:
+        kwargs = {} if chunk is None else {"chunk_bytes": chunk}
+        times = []
+        for _ in range(args.repeat + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            gradient_sums(module.model, params, batches, lambda _, b: module.per_example_loss(b), score, **kwargs)
+            times.append(time.perf_counter() - start)
+        seconds[label] = statistics.median(times[1:])
     eligible_mb = sum(p.numel() for p in params.values()) * 4 / 2**20
     print(f"{args.model}: {n} examples, scoring batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"eligible: {args.include or 'every trained tensor'}, "
           f"{eligible_mb:.0f} MB of eligible fp32 entries (the sums and each backward's gradients: 2x that)")
     for score, s in seconds.items():
-        print(f"  {score:8s} {s:7.2f} s  ({1000 * s / n:.1f} ms per example, {s / seconds['abs_sum']:.1f}x abs_sum)")
+        print(f"  {score:32s} {s:7.3f} s  ({1000 * s / n:.2f} ms per example, {s / seconds['abs_sum']:.2f}x abs_sum)")
     print(f"  peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

@@ -6,8 +6,9 @@ on how many processes share the data (their sums are added before the selection)
 - ``abs_sum``  |sum_i g_i|   the magnitude of the full-data gradient (the paper's criterion). Linear in
   the examples, so one backward of the batch's summed loss gives every example's share at once.
 - ``sum_abs``  sum_i |g_i|   and ``fisher``  sum_i g_i**2 (empirical Fisher diagonal). Not linear: each
-  example gets its own forward and backward (cost: one batch-size-1 step per example).
+  example needs its own gradient (``torch.func`` per-example gradients in chunks, :mod:`saft.per_example`).
 """
+import logging
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -16,6 +17,9 @@ from torch import nn
 from saft.errors import ConfigError
 from saft.mask import (SCORES, Mask, Scores, accumulate_scores, check_patterns, finalize_scores, is_eligible,
                        num_selected, select_topk)
+from saft.per_example import CHUNK_BYTES, OtherRows, PerExampleGradients
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -86,7 +90,7 @@ def _per_example_losses(loss_fn: LossFn, model: nn.Module, batch) -> torch.Tenso
 
 
 def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches: Iterable, loss_fn: LossFn,
-                  score: str = "abs_sum") -> Scores:
+                  score: str = "abs_sum", chunk_bytes: int = CHUNK_BYTES) -> Scores:
     """Per-entry sums over every example of ``batches``, in fp32: signed gradients for ``abs_sum`` (take
     :func:`saft.mask.finalize_scores` after any sum across processes), |g| for ``sum_abs``, g**2 for ``fisher``.
 
@@ -95,6 +99,9 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
     training does, so the pass holds one gradient per eligible entry (plus the running sums for ``sum_abs`` and
     ``fisher``), no more. A parameter stored in another dtype (bf16, fp16) has each batch's gradient added into an
     fp32 sum instead: accumulated in its own dtype, the sum would round differently for every cut of the data.
+    ``sum_abs`` and ``fisher`` take each example's gradient with ``torch.func`` (:mod:`saft.per_example`), chunks
+    of examples whose gradients fit ``chunk_bytes``, or, for a loss that cannot be vectorised (or
+    ``chunk_bytes=0``), one backward per example.
     """
     if score not in SCORES:
         raise ConfigError(f"unknown mask score {score!r}; choose one of {SCORES}")
@@ -104,6 +111,7 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
     low = {n for n, p in params.items() if p.dtype != torch.float32} if score == "abs_sum" else set(params)
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items() if n in low}  # in params' order
     seen = 0
+    vectorised = PerExampleGradients(model, params, loss_fn, chunk_bytes) if score != "abs_sum" and chunk_bytes else None
     model.eval()
     try:
         for p in every.values():
@@ -117,7 +125,18 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
                         sums[n].add_(params[n].grad.float())
                         params[n].grad = None
                 continue
-            for i in range(_batch_size(batch)):
+            size, done = _batch_size(batch), 0
+            while vectorised is not None and done < size:
+                try:
+                    chunk = _slice(batch, done, done + vectorised.chunk_size(batch))
+                    _accumulate_per_example(sums, vectorised.grads(chunk), score)
+                except (OtherRows, RuntimeError, NotImplementedError) as error:
+                    log.warning("per-example scores: one backward per example from here (the loss cannot be "
+                                "vectorised with torch.func: %s)", str(error).splitlines()[0][:200])
+                    vectorised = None
+                    break
+                done += _batch_size(chunk)
+            for i in range(done, size):
                 _per_example_losses(loss_fn, model, _example(batch, i)).sum().backward()
                 accumulate_scores(sums, {n: p.grad for n, p in params.items() if p.grad is not None}, score)
                 for p in every.values():
@@ -133,6 +152,17 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
     if not seen:
         raise ConfigError("the scoring batches held no example: give select_mask the training data")
     return sums
+
+
+def _accumulate_per_example(sums: Scores, grads, score: str) -> None:
+    for name, g in grads.items():
+        rows, g = g if isinstance(g, tuple) else (None, g)
+        g = g.detach().float()  # each example's gradient, ours to overwrite
+        term = (g.abs_() if score == "sum_abs" else g.square_()).sum(0)
+        if rows is None:
+            sums[name].add_(term)
+        else:  # an embedding: only the rows the loss reads have a gradient
+            sums[name].view(sums[name].shape[0], -1).index_add_(0, rows, term.reshape(len(rows), -1))
 
 
 def select_mask(model: nn.Module, batches: Iterable, loss_fn: LossFn, sparsity: float = 0.001,

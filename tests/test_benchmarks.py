@@ -8,7 +8,7 @@ from conftest import run_script
 def test_efficiency_measures_both_methods_and_saft_writes_a_delta_of_k_entries(tmp_path):
     proc = run_script("benchmarks/efficiency.py", ["--model", "tiny", "--steps", "4", "--batch", "24", "--shots", "8",
                                                    "--threads", "1", "--json", str(tmp_path / "figures.json")])
-    k = int(re.search(r"SAFT mask gradient/global k=(\d+)", proc.stdout).group(1))
+    k = int(re.search(r"SAFT mask gradient/global, sparse gradients, k=(\d+)", proc.stdout).group(1))
     ratio = float(re.search(r"\| delta file vs fp32 state dict \(bytes\) \| [^|]+ \| [^|]+ \| ([\d.]+) \|",
                             proc.stdout).group(1))
     step = re.search(r"\| train step time \(s, median\) \| ([^|]+) \| ([^|]+) \| ([\d.]+) \|", proc.stdout)
@@ -16,6 +16,7 @@ def test_efficiency_measures_both_methods_and_saft_writes_a_delta_of_k_entries(t
     assert 0 < ratio <= 0.005  # the delta holds k entries, not the model
     figures = json.loads((tmp_path / "figures.json").read_text())  # what it printed, as numbers
     assert figures["k"] == k and figures["settings"]["attention"] == "batch_first"
+    assert figures["settings"]["gradients"] == "sparse"
     assert figures["step_ratio"] == figures["figures"]["step"]["saft"] / figures["figures"]["step"]["full_ft"]
     assert f"{figures['step_ratio']:.3f}" == step.group(3) and f"{figures['figures']['step']['saft']:.4g}" == step.group(2).strip()
     rss = figures["figures"]["peak_rss"]
