@@ -188,6 +188,11 @@ class SparseMaskCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """Under DDP, the k gradients of each masked tensor are averaged over the ranks here (DDP ignores the
         masked tensors), once per optimizer step, as DDP would average the dense ones."""
+        escaped = [p for p in self._leaves if p.grad is not None]
+        if escaped:  # an op outside torch's function API (e.g. torch.autograd.grad on the tensor itself)
+            raise RuntimeError(f"sparse gradients: {len(escaped)} masked tensors got a dense gradient outside "
+                               f"saft.sparse_grad's routing, which their k entries would not receive; set "
+                               f"method.mask.sparse_grads=false (SparseMaskCallback(sparse_grads=False))")
         grads = [leaf.values.grad for leaf in self._leaves.values() if leaf.values.grad is not None]
         if grads and _distributed():
             flat = torch.cat([g.reshape(-1) for g in grads])

@@ -143,8 +143,13 @@ class SparseGradients(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled() or getattr(func, "__name__", "") == "__get__":
+        if not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        if getattr(func, "__name__", "") == "__get__":  # an attribute: .shape, .grad as they are; .T, .mT read it
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.requires_grad and args and id(args[0]) in self.leaves:
+                return func(self._gathered(args[0]))
+            return out
         routed = self._entries_op(func, args, kwargs)
         if routed is not None:
             return routed

@@ -184,3 +184,78 @@ def test_training_matches_the_dense_path_and_keeps_every_unselected_entry(tmp_pa
     assert sparse["metrics"].keys() == dense["metrics"].keys()
     for name in sparse["metrics"]:
         assert abs(sparse["metrics"][name]["top1"] - dense["metrics"][name]["top1"]) <= 100 / dense["metrics"][name]["n"]
+
+
+def test_the_plain_pytorch_loop_of_the_library_guide_moves_only_the_mask_without_dense_gradients():
+    import saft
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+    mask = saft.select_mask(model, batches, loss_fn, sparsity=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())  # from here, docs/library.md "Sparse weight gradients"
+    for name, p in params.items():
+        p.requires_grad_(name in mask)
+    leaves = {params[n]: Leaf(params[n], idx) for n, idx in mask.items()}
+    optimizer = saft.MaskedAdamW.from_mask(model, mask, lr=1e-3)
+    optimizer.use_sparse_gradients({p: leaf.values for p, leaf in leaves.items()})
+    for batch in batches:
+        with SparseGradients(leaves):
+            loss = loss_fn(model, batch).mean()
+        loss.backward()
+        assert all(p.grad is None for p in model.parameters()) and all(leaf.values.grad is not None
+                                                                      for leaf in leaves.values())
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = {n: (before[n] != p.detach()).reshape(-1).nonzero().flatten() for n, p in model.named_parameters()}
+    assert {n: i.tolist() for n, i in moved.items() if i.numel()} == {n: i.tolist() for n, i in mask.items()}
+
+
+def test_under_ddp_the_k_gradients_are_averaged_over_ranks_in_one_collective(monkeypatch):
+    """Two ranks with these gradients: one all-reduce of the k values of every masked tensor, then / world size,
+    as DDP averages dense gradients (tests/test_entrypoints.py runs it on two processes)."""
+    import saft.callback as callback
+    from saft.callback import SparseMaskCallback
+    calls = []
+
+    def all_reduce(tensor):  # the other rank holds the same gradients plus one
+        calls.append(tensor.numel())
+        tensor.mul_(2).add_(1)
+    monkeypatch.setattr(callback, "_distributed", lambda: True)
+    monkeypatch.setattr(callback.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(callback.dist, "get_world_size", lambda: 2)
+    fc = nn.Linear(4, 4)
+    cb = SparseMaskCallback()
+    cb._leaves = {fc.weight: Leaf(fc.weight, torch.tensor([0, 3, 9])), fc.bias: Leaf(fc.bias, torch.tensor([2]))}
+    grads = {p: torch.randn(leaf.idx.numel()) for p, leaf in cb._leaves.items()}
+    for p, leaf in cb._leaves.items():
+        leaf.values.grad = grads[p].clone()
+    cb.on_before_optimizer_step(None, None, None)
+    assert calls == [4]  # k values, once
+    for p, leaf in cb._leaves.items():
+        torch.testing.assert_close(leaf.values.grad, grads[p] + 0.5)
+
+
+def test_a_transpose_by_attribute_is_routed_too():
+    w = nn.Parameter(torch.randn(3, 4))
+    x = torch.randn(5, 3)
+    (x @ w).pow(2).sum().backward()
+    dense, w.grad = w.grad.reshape(-1).clone(), None
+    leaf = Leaf(w, torch.tensor([1, 6, 11]))
+    with SparseGradients({w: leaf}):
+        out = (x @ w.T.T).pow(2).sum()
+    out.backward()
+    assert w.grad is None
+    torch.testing.assert_close(leaf.values.grad, dense[leaf.idx])
+
+
+def test_a_dense_gradient_that_escaped_the_routing_stops_training_with_the_fix():
+    from saft.callback import SparseMaskCallback
+    fc = nn.Linear(4, 4)
+    cb = SparseMaskCallback()
+    cb._leaves = {fc.weight: Leaf(fc.weight, torch.tensor([0, 3]))}
+    fc.weight.grad = torch.ones(4, 4)  # as a path torch's function API does not see would leave it
+    with pytest.raises(RuntimeError, match="method.mask.sparse_grads=false"):
+        cb.on_before_optimizer_step(None, None, None)
