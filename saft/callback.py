@@ -131,11 +131,15 @@ class SparseMaskCallback(pl.Callback):
             leaves = {id(p) for p in self._leaves}  # their k gradients are all-reduced in on_before_optimizer_step
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 pl_module, [n for n, p in pl_module.named_parameters() if id(p) in leaves])
-            if any(p.requires_grad and id(p) not in leaves for p in pl_module.parameters()):
+            dense = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in leaves]
+            if dense:
                 strategy.model = strategy._setup_model(pl_module)
                 strategy._register_ddp_hooks()
             else:  # nothing left for DDP to reduce (it refuses such a model): the steps call the module itself
                 strategy.model = pl_module
+            log.info("rank %d: DDP reduces %d dense tensors; the %d masked tensors' %d gradient values are "
+                     "all-reduced once per step", trainer.global_rank, len(dense), len(self._leaves),
+                     sum(leaf.idx.numel() for leaf in self._leaves.values()))
         elif trainer.world_size > 1:
             raise ConfigError(f"masked methods support the ddp strategies; got {type(strategy).__name__}")
 

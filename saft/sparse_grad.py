@@ -22,9 +22,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 # A product gathered entry by entry costs about this many multiply-adds of a GEMM (measured on a 2-core CPU,
-# 1,576 x 768 inputs: gathering 600 entries 2.0 ms, the dense 768 x 768 weight gradient 11.6 ms).
-ENTRY_COST = 170
-_CHUNK = 256  # entries per gathered product: bounds the transient (rows x chunk) and keeps it in cache
+# 2 threads, 1,576 x 768 inputs: 600 entries 1.25 ms, the dense 768 x 768 weight gradient 5.6 ms).
+ENTRY_COST = 200
+_ROW_BLOCK = 128
+_CHUNK_ELEMENTS = 1 << 20  # a gathered product's transient: at most 1 M elements (4 MB) per block
 
 
 class Leaf:
@@ -68,11 +69,18 @@ def matrix_entries_grad(leaf: Leaf, grad_out: torch.Tensor, inputs: torch.Tensor
     if way == "cols":
         x = inputs if len(leaf.col_set) == cols else inputs.index_select(1, leaf.col_set)
         return (grad_out.t() @ x)[leaf.rows, leaf.col_pos]
-    out = torch.empty(k, dtype=torch.float32, device=grad_out.device)
-    for start in range(0, k, _CHUNK):
-        stop = start + _CHUNK
-        out[start:stop] = torch.linalg.vecdot(grad_out.index_select(1, leaf.rows[start:stop]).float(),
-                                              inputs.index_select(1, leaf.cols[start:stop]).float(), dim=0)
+    # Blocks of rows keep the gathered products in cache on a CPU (3-4x faster than one pass over 1,576 rows);
+    # gather with an expanded index is several times faster than index_select.
+    m = grad_out.shape[0]
+    block = m if grad_out.is_cuda else _ROW_BLOCK
+    step = max(1, _CHUNK_ELEMENTS // block)
+    out = torch.zeros(k, dtype=torch.float32, device=grad_out.device)
+    for s in range(0, k, step):
+        rows, cols = leaf.rows[s:s + step], leaf.cols[s:s + step]
+        for b in range(0, m, block):
+            g, x = grad_out[b:b + block], inputs[b:b + block]
+            out[s:s + step] += (torch.gather(g, 1, rows.expand(len(g), -1)).float()
+                                * torch.gather(x, 1, cols.expand(len(x), -1)).float()).sum(0)
     return out
 
 
@@ -89,12 +97,18 @@ def _conv2d_grad(leaf: Leaf, grad: torch.Tensor, x: torch.Tensor, settings) -> t
 
 
 def _embedding_grad(leaf: Leaf, grad: torch.Tensor, ids: torch.Tensor, padding_idx) -> torch.Tensor:
+    """Only the rows both read and selected are summed (a CLIP's prompts read a few dozen of 49,408)."""
     ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
-    where = leaf.embedding_rows()[ids]
+    where = leaf.embedding_rows()[ids]  # position among the selected rows, -1: no selected entry
     keep = where >= 0 if padding_idx is None else (where >= 0) & (ids != padding_idx)
-    sums = torch.zeros(len(leaf.row_set), grad.shape[1], dtype=grad.dtype, device=grad.device)
-    sums.index_add_(0, where[keep], grad[keep])
-    return sums[leaf.row_pos, leaf.cols]
+    read, position = torch.unique(where[keep], return_inverse=True)
+    sums = torch.zeros(len(read), grad.shape[1], dtype=grad.dtype, device=grad.device)
+    sums.index_add_(0, position, grad[keep])
+    of_entry = torch.full((len(leaf.row_set),), -1, dtype=torch.long, device=grad.device)
+    of_entry[read] = torch.arange(len(read), device=grad.device)
+    of_entry = of_entry[leaf.row_pos]
+    values = sums[of_entry.clamp(min=0), leaf.cols]
+    return torch.where(of_entry >= 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 _GRADS = {"linear": _linear_grad, "conv2d": _conv2d_grad, "embedding": _embedding_grad}

@@ -115,6 +115,9 @@ def test_ddp_on_two_cpu_processes_keeps_masks_identical_and_frozen(tmp_path):
         per_rank = fingerprints(what)
         assert len(per_rank[0]) == len(per_rank[1]) == 1 and per_rank[0] == per_rank[1], what
     results = read_results(out)
+    for rank in (0, 1):  # sparse gradients: DDP leaves the masked tensors alone, their k values are reduced
+        assert any(f"rank {rank}: DDP reduces 0 dense tensors; the" in ln and
+                   f"tensors' {results['num_trainable']} gradient values" in ln for ln in lines), rank
     assert all(m["n"] == 30 for m in results["metrics"].values())  # each test image counted once
     ckpt = checkpoint(out)
     cfg = compose_cfg(tmp_path / "one", ["shots=4", "sparsity=0.01", *QUICK])
