@@ -128,7 +128,7 @@ class SparseMaskCallback(pl.Callback):
                 p.requires_grad_(False)
         strategy = trainer.strategy
         if isinstance(strategy.model, DistributedDataParallel):
-            leaves = {id(p) for p in self._leaves}  # their k gradients are all-reduced in on_before_optimizer_step
+            leaves = {id(p) for p in self._leaves}  # their k gradients are all-reduced after each backward
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 pl_module, [n for n, p in pl_module.named_parameters() if id(p) in leaves])
             dense = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in leaves]
@@ -174,12 +174,15 @@ class SparseMaskCallback(pl.Callback):
 
     # --- training ----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._routing is not None:
+        if self._routing is not None and not self._routing_on:
             self._routing.__enter__()
             self._routing_on = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._stop_routing()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop_routing()  # a batch Lightning skipped (on_train_batch_start returned -1) has no batch end
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._stop_routing()
@@ -189,30 +192,40 @@ class SparseMaskCallback(pl.Callback):
             self._routing.__exit__(None, None, None)
             self._routing_on = False
 
+    def _reduce_sparse_gradients(self) -> None:
+        """Under DDP (which ignores the masked tensors) the k gradients of every masked tensor are averaged over
+        the ranks in one collective, after each backward: before fp16's gradient scaler looks for infs, so every
+        rank skips or takes the same step. Averaging again what an earlier micro-batch averaged changes nothing
+        (to rounding), so accumulated gradients come out as DDP's."""
+        if not self._leaves or not _distributed():
+            return
+        grads = []
+        for leaf in self._leaves.values():
+            if leaf.values.grad is None:  # zeros, so that every rank sends the same collective
+                leaf.values.grad = torch.zeros_like(leaf.values)
+            grads.append(leaf.values.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        """Under DDP, the k gradients of each masked tensor are averaged over the ranks here (DDP ignores the
-        masked tensors), once per optimizer step, as DDP would average the dense ones."""
-        escaped = [p for p in self._leaves if p.grad is not None]
-        if escaped:  # an op outside torch's function API (e.g. torch.autograd.grad on the tensor itself)
-            raise RuntimeError(f"sparse gradients: {len(escaped)} masked tensors got a dense gradient outside "
-                               f"saft.sparse_grad's routing, which their k entries would not receive; set "
-                               f"method.mask.sparse_grads=false (SparseMaskCallback(sparse_grads=False))")
-        grads = [leaf.values.grad for leaf in self._leaves.values() if leaf.values.grad is not None]
-        if grads and _distributed():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+        if self._routing is not None:
+            self._routing.check()
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._stop_routing()
         for optimizer in trainer.optimizers:
             if isinstance(optimizer, MaskedAdamW):
                 optimizer.use_dense_gradients()
+        if self._leaves:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(pl_module, [])
         self._leaves, self._routing = {}, None
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Linear, so also right for unscaled fp16 grads and for unreduced micro-batch grads.
+        self._reduce_sparse_gradients()
+        # Dense path. Linear, so also right for unscaled fp16 grads and for unreduced micro-batch grads.
         for p, idx in self._masked:
             if p.grad is not None:
                 flat = p.grad.view(-1)

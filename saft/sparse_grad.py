@@ -5,14 +5,16 @@ gradients (the optimizer reads it; clipping, gradient scaling and ``zero_grad`` 
 :class:`SparseGradients` is entered (a torch function mode, around each training batch), every op that reads a
 masked parameter with grad enabled reads it detached, so autograd never forms its dense gradient:
 
-- ``linear``, ``conv2d`` (one group, numeric padding) and ``embedding`` then add the k entries' gradients from
-  their input and output gradient (:func:`matrix_entries_grad`: the selected entries alone, or a GEMM over the
+- ``linear``, ``conv2d`` as a patch embedding (stride = kernel, no padding, one group) and ``embedding`` then add
+  the k entries' gradients from their input and output gradient (:func:`matrix_entries_grad`: the selected entries alone, or a GEMM over the
   selected rows or columns, whichever costs less);
 - any other op (``layer_norm``, a matmul with a projection, an addition, the stock attention) reads a view whose
   backward gathers the k entries from that op's dense gradient, a transient freed at once.
 
 The input gradients are the stock ops' own. Entries outside the mask get no gradient at all. The weight
-gradients differ from the dense ones by float rounding only (another summation order).
+gradients differ from the dense ones by float rounding only (another summation order). Not covered: gradient
+checkpointing (its recomputation runs outside the mode) and custom autograd Functions applied to a masked
+tensor; both leave a dense ``.grad`` on it, which :meth:`SparseGradients.check` reports.
 """
 from typing import Dict, Optional
 
@@ -102,6 +104,8 @@ def _embedding_grad(leaf: Leaf, grad: torch.Tensor, ids: torch.Tensor, padding_i
     where = leaf.embedding_rows()[ids]  # position among the selected rows, -1: no selected entry
     keep = where >= 0 if padding_idx is None else (where >= 0) & (ids != padding_idx)
     read, position = torch.unique(where[keep], return_inverse=True)
+    if not len(read):  # the batch reads none of the selected rows
+        return torch.zeros(leaf.idx.numel(), dtype=grad.dtype, device=grad.device)
     sums = torch.zeros(len(read), grad.shape[1], dtype=grad.dtype, device=grad.device)
     sums.index_add_(0, position, grad[keep])
     of_entry = torch.full((len(leaf.row_set),), -1, dtype=torch.long, device=grad.device)
@@ -115,13 +119,14 @@ _GRADS = {"linear": _linear_grad, "conv2d": _conv2d_grad, "embedding": _embeddin
 
 
 class _EntriesGrad(torch.autograd.Function):
-    """Identity on an op's output; its backward adds the op's selected weight entries' gradients to the leaf."""
+    """Identity on an op's output; its backward adds the op's selected weight entries' gradients to the leaf. The
+    output is a copy, not a view, so later in-place ops on it (``ReLU(inplace=True)``, ``+=``) are allowed."""
 
     @staticmethod
     def forward(ctx, out, values, saved, leaf, kind, settings):
         ctx.save_for_backward(saved)
         ctx.leaf, ctx.kind, ctx.settings = leaf, kind, settings
-        return out.view_as(out)
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad):
@@ -143,6 +148,10 @@ class _Gathered(torch.autograd.Function):
         return None, grad.reshape(-1)[ctx.leaf.idx].to(ctx.leaf.values.dtype), None
 
 
+def _pair(value):
+    return value if isinstance(value, str) else tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 def _arg(args, kwargs, position: int, name: str, default=None):
     return args[position] if len(args) > position else kwargs.get(name, default)
 
@@ -154,6 +163,17 @@ class SparseGradients(TorchFunctionMode):
     def __init__(self, leaves: Dict[nn.Parameter, Leaf]):
         super().__init__()
         self.leaves = {id(p): leaf for p, leaf in leaves.items()}
+        self.params = list(leaves)
+
+    def check(self) -> None:
+        """After a backward: no masked tensor may hold a dense gradient (it reached it outside the routing, and
+        its k entries would not receive it)."""
+        escaped = sum(p.grad is not None for p in self.params)
+        if escaped:
+            raise RuntimeError(f"sparse gradients: {escaped} masked tensors got a dense gradient outside "
+                               f"saft.sparse_grad's routing (gradient checkpointing? a custom autograd Function?), "
+                               f"which their k entries would not receive; use dense gradients "
+                               f"(method.mask.sparse_grads=false, SparseMaskCallback(sparse_grads=False))")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -172,12 +192,13 @@ class SparseGradients(TorchFunctionMode):
     def _entries_op(self, func, args, kwargs):
         if func is F.linear:
             kind, weight, settings = "linear", _arg(args, kwargs, 1, "weight"), None
-        elif func is F.conv2d:
+        elif func is F.conv2d:  # a patch embedding (stride = kernel, no padding): its unfold is the input itself
             kind, weight = "conv2d", _arg(args, kwargs, 1, "weight")
-            settings = tuple(_arg(args, kwargs, i, n, d) for i, n, d in
+            settings = tuple(_pair(_arg(args, kwargs, i, n, d)) for i, n, d in
                              ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))
-            if isinstance(settings[1], str) or _arg(args, kwargs, 6, "groups", 1) != 1:
-                return None
+            if (_arg(args, kwargs, 0, "input").dim() != 4 or _arg(args, kwargs, 6, "groups", 1) != 1
+                    or settings != (tuple(weight.shape[2:]), (0, 0), (1, 1))):
+                return None  # another conv: its unfold would be kernel-size times the input; gathered instead
         elif func is F.embedding:
             kind, weight = "embedding", _arg(args, kwargs, 1, "weight")
             settings = _arg(args, kwargs, 2, "padding_idx")
@@ -198,7 +219,10 @@ class SparseGradients(TorchFunctionMode):
         args = [self._gathered(a) for a in args]  # e.g. a masked bias beside the weight
         kwargs = {k: self._gathered(v) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
-        return _EntriesGrad.apply(out, leaf.values, args[0] if args else kwargs["input"], leaf, kind, settings)
+        inputs = args[0] if args else kwargs["input"]
+        if inputs.is_floating_point() and inputs.dtype != out.dtype:  # autocast: keep the copy the op computed in
+            inputs = inputs.to(out.dtype)
+        return _EntriesGrad.apply(out, leaf.values, inputs, leaf, kind, settings)
 
     def _gathered(self, value):
         if isinstance(value, nn.Parameter):

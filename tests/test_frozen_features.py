@@ -48,3 +48,11 @@ def test_a_probe_encodes_each_training_image_once_and_trains_on_those_exact_feat
 def test_augmented_or_trained_towers_recompute_every_step(tmp_path, monkeypatch):
     _, _, calls, _ = _fit(tmp_path, ["method.augment=null"], monkeypatch, check=False)
     assert [n for training, n in calls if training] == [8] * 9  # the probe on augmented images: no cache
+
+
+def test_image_keys_tell_dtypes_and_shapes_apart_and_take_bf16():
+    from saft.app.module import _image_key
+    image = torch.rand(3, 4, 4)
+    assert _image_key(image) == _image_key(image.clone())
+    assert len({_image_key(image), _image_key(image.to(torch.bfloat16)), _image_key(image.reshape(3, 2, 8)),
+                _image_key(image + 1e-6)}) == 4

@@ -213,9 +213,10 @@ def test_the_plain_pytorch_loop_of_the_library_guide_moves_only_the_mask_without
     assert {n: i.tolist() for n, i in moved.items() if i.numel()} == {n: i.tolist() for n, i in mask.items()}
 
 
-def test_under_ddp_the_k_gradients_are_averaged_over_ranks_in_one_collective(monkeypatch):
-    """Two ranks with these gradients: one all-reduce of the k values of every masked tensor, then / world size,
-    as DDP averages dense gradients (tests/test_entrypoints.py runs it on two processes)."""
+def test_under_ddp_the_k_gradients_are_averaged_over_ranks_in_one_collective_after_each_backward(monkeypatch):
+    """Two ranks: one all-reduce of the k values of every masked tensor, then / world size, as DDP averages dense
+    gradients, in on_after_backward (before fp16's scaler looks for infs); a leaf without a gradient sends zeros,
+    so every rank sends the same collective (tests/test_entrypoints.py runs it on two processes)."""
     import saft.callback as callback
     from saft.callback import SparseMaskCallback
     calls = []
@@ -228,14 +229,14 @@ def test_under_ddp_the_k_gradients_are_averaged_over_ranks_in_one_collective(mon
     monkeypatch.setattr(callback.dist, "get_world_size", lambda: 2)
     fc = nn.Linear(4, 4)
     cb = SparseMaskCallback()
+    cb._masked = []
     cb._leaves = {fc.weight: Leaf(fc.weight, torch.tensor([0, 3, 9])), fc.bias: Leaf(fc.bias, torch.tensor([2]))}
-    grads = {p: torch.randn(leaf.idx.numel()) for p, leaf in cb._leaves.items()}
-    for p, leaf in cb._leaves.items():
-        leaf.values.grad = grads[p].clone()
-    cb.on_before_optimizer_step(None, None, None)
+    grad = torch.randn(3)
+    cb._leaves[fc.weight].values.grad = grad.clone()
+    cb.on_after_backward(None, None)
     assert calls == [4]  # k values, once
-    for p, leaf in cb._leaves.items():
-        torch.testing.assert_close(leaf.values.grad, grads[p] + 0.5)
+    torch.testing.assert_close(cb._leaves[fc.weight].values.grad, grad + 0.5)
+    torch.testing.assert_close(cb._leaves[fc.bias].values.grad, torch.tensor([0.5]))  # zeros went out
 
 
 def test_a_transpose_by_attribute_is_routed_too():
@@ -252,10 +253,42 @@ def test_a_transpose_by_attribute_is_routed_too():
 
 
 def test_a_dense_gradient_that_escaped_the_routing_stops_training_with_the_fix():
+    """Reentrant gradient checkpointing recomputes the forward outside the mode: the weight gets a dense .grad."""
+    from torch.utils.checkpoint import checkpoint
     from saft.callback import SparseMaskCallback
     fc = nn.Linear(4, 4)
+    leaves = {fc.weight: Leaf(fc.weight, torch.tensor([0, 3]))}
     cb = SparseMaskCallback()
-    cb._leaves = {fc.weight: Leaf(fc.weight, torch.tensor([0, 3]))}
-    fc.weight.grad = torch.ones(4, 4)  # as a path torch's function API does not see would leave it
+    cb._leaves, cb._routing = leaves, SparseGradients(leaves)
+    x = torch.randn(2, 4, requires_grad=True)
+    with cb._routing:
+        out = checkpoint(fc, x, use_reentrant=True)
+    out.sum().backward()
+    assert fc.weight.grad is not None
     with pytest.raises(RuntimeError, match="method.mask.sparse_grads=false"):
         cb.on_before_optimizer_step(None, None, None)
+
+
+def test_selected_embedding_rows_the_batch_does_not_read_get_zero_gradients():
+    emb = nn.Embedding(10, 3)
+    leaf = Leaf(emb.weight, torch.tensor([4, 25, 29]))  # rows 1, 8 and 9
+    with SparseGradients({emb.weight: leaf}):
+        out = emb(torch.tensor([[2, 3, 2]]))
+    out.sum().backward()
+    assert torch.equal(leaf.values.grad, torch.zeros(3))
+    with SparseGradients({emb.weight: leaf}):
+        out = emb(torch.tensor([[8, 2, 8]]))
+    out.sum().backward()
+    assert torch.equal(leaf.values.grad, torch.tensor([0.0, 2.0, 0.0]))  # row 8 read twice; row 9 not read
+
+
+def test_in_place_ops_on_a_routed_output_are_allowed():
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True)), torch.randn(3, 4)
+    net(x).sum().backward()
+    dense, net[0].weight.grad = net[0].weight.grad.reshape(-1).clone(), None
+    leaf = Leaf(net[0].weight, torch.tensor([0, 7, 19]))
+    with SparseGradients({net[0].weight: leaf}):
+        out = net(x)  # ReLU(inplace=True) writes the linear's output
+    out.sum().backward()
+    torch.testing.assert_close(leaf.values.grad, dense[leaf.idx])

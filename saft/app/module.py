@@ -186,7 +186,7 @@ class CLIPClassifier(pl.LightningModule):
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
         if self._features is None or not self.training:
             return self.model.encode_image(images, normalize=True)
-        keys = [hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).digest() for image in images]
+        keys = [_image_key(image) for image in images]
         with torch.no_grad():  # each image alone: its features do not depend on the images beside it in a batch
             for key, image in zip(keys, images):
                 if key not in self._features:
@@ -320,3 +320,11 @@ class CLIPClassifier(pl.LightningModule):
                    for g in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+
+def _image_key(image: torch.Tensor) -> bytes:
+    """The image's bytes (any dtype, bf16 included), shape and dtype, hashed."""
+    data = image.detach().contiguous().cpu()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
+    digest.update(f"{tuple(data.shape)} {data.dtype}".encode())
+    return digest.digest()
