@@ -8,7 +8,7 @@ set -eu
 OUT=${OUT:-/tmp/sweeps}
 PY=${PY:-.venv/bin/python}
 CKPT=$(ls "${SAFT_CACHE_DIR:-$HOME/.cache/saft}"/saft-fmnist-*.pt | head -1)  # built by any fmnist run
-COMMON="experiment=fmnist_tradeoff seed=1 lr_scale=1,3"
+COMMON="experiment=fmnist_tradeoff seed=1 lr_scale=1,3 ${EXTRA:-}"  # EXTRA: overrides for a quick check
 OFF="zeroshot_cache=false model.batch_first_attention=false"
 rm -rf "$OUT" && mkdir -p "$OUT"
 for lane in before after; do mkdir -p "$OUT/cache_$lane" && cp "$CKPT" "$OUT/cache_$lane/"; done
