@@ -99,7 +99,9 @@ class SparseMaskCallback(pl.Callback):
                 raise ConfigError(f"a masked method needs saft.optim.MaskedAdamW, which never writes an "
                                   f"unselected entry; got {type(optimizer).__name__}")
             optimizer.set_masks({eligible[n]: idx for n, idx in self.masks.items()})
-        self._masked = [(trainable[n], idx.to(pl_module.device)) for n, idx in self.masks.items()]
+        # The dense path's gradients to mask after each backward (with sparse gradients there are none).
+        self._masked = [] if self.sparse_grads else [(trainable[n], idx.to(pl_module.device))
+                                                     for n, idx in self.masks.items()]
         if self.sparse_grads:
             self._leaves = {trainable[n]: Leaf(trainable[n], idx) for n, idx in self.masks.items()}
             for optimizer in trainer.optimizers:
@@ -138,7 +140,7 @@ class SparseMaskCallback(pl.Callback):
             else:  # nothing left for DDP to reduce (it refuses such a model): the steps call the module itself
                 strategy.model = pl_module
             log.info("rank %d: DDP reduces %d dense tensors; the %d masked tensors' %d gradient values are "
-                     "all-reduced once per step", trainer.global_rank, len(dense), len(self._leaves),
+                     "all-reduced after each backward", trainer.global_rank, len(dense), len(self._leaves),
                      sum(leaf.idx.numel() for leaf in self._leaves.values()))
         elif trainer.world_size > 1:
             raise ConfigError(f"masked methods support the ddp strategies; got {type(strategy).__name__}")

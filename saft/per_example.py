@@ -52,10 +52,6 @@ class OtherRows(Exception):
     """The loss read embedding rows outside those found, or read them in a way the row path does not take."""
 
 
-def _slice_of(batch, n: int):
-    return tree_map(lambda x: x[:n] if isinstance(x, torch.Tensor) else x, batch)
-
-
 class _Loss(nn.Module):
     def __init__(self, model: nn.Module, loss_fn: Callable):
         super().__init__()
@@ -81,18 +77,19 @@ class PerExampleGradients:
         self._vectorised = vmap(grad(self._one, argnums=(0, 1)), in_dims=(None, None, 0))
         self._wrapper = _Loss(model, loss_fn)
 
-    def chunk_size(self, batch) -> int:
-        """Examples per chunk: their per-example gradients fit ``chunk_bytes`` (at least one)."""
+    def chunk_size(self, example) -> int:
+        """Examples per chunk: their per-example gradients fit ``chunk_bytes`` (at least one). ``example``: a
+        batch of one, whose forward finds the embedding rows the loss reads (on the first call)."""
         if self.rows is None:
-            self._find_rows(batch)
+            self._find_rows(example)
         entries = sum(p.numel() for n, p in self.params.items() if n not in self.rows)
         entries += sum(len(r) * self.params[n][0].numel() for n, r in self.rows.items())
         return max(1, self.chunk_bytes // max(1, 4 * entries))
 
-    def _find_rows(self, batch) -> None:
+    def _find_rows(self, example) -> None:
         found: Dict[str, set] = {}
         with torch.enable_grad(), _RowsRead(self.embeddings, rows=found):  # the path the gradients will take
-            self.loss_fn(self.model, _slice_of(batch, 1))
+            self.loss_fn(self.model, example)
         self.rows = {}
         for n in self.embeddings.values():
             weight = self.params[n]
@@ -108,7 +105,7 @@ class PerExampleGradients:
 
     def grads(self, chunk) -> Dict[str, object]:
         if self.rows is None:
-            self._find_rows(chunk)
+            raise RuntimeError("PerExampleGradients.grads() before chunk_size(): the embedding rows are not known")
         dense = {f"model.{n}": p.detach() for n, p in self.params.items() if n not in self.rows}
         subs = {n: self.params[n].detach()[r] for n, r in self.rows.items()}
         grads, row_grads = self._vectorised(dense, subs, chunk)

@@ -128,7 +128,7 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
             size, done = _batch_size(batch), 0
             while vectorised is not None and done < size:
                 try:
-                    chunk = _slice(batch, done, done + vectorised.chunk_size(batch))
+                    chunk = _slice(batch, done, done + vectorised.chunk_size(_example(batch, 0)))
                     _accumulate_per_example(sums, vectorised.grads(chunk), score)
                 except (OtherRows, RuntimeError, NotImplementedError) as error:
                     log.warning("per-example scores: one backward per example from here (the loss cannot be "

@@ -100,7 +100,8 @@ def build(cfg: DictConfig, identity: Optional[Identity] = None, head_classnames:
     datamodule = build_datamodule(cfg)
     model, train_tf, eval_tf, tokenizer = load_clip(**resolve_pretrained(cfg.model))
     method = cfg.method
-    if method.get("augment") is False:  # no augmentation: the training images as evaluation sees them
+    unaugmented = method.get("augment") is False  # the training images as evaluation sees them
+    if unaugmented:
         train_tf = eval_tf
     elif method.get("augment"):
         train_tf = augmented_transform(model, **method.augment)
@@ -121,7 +122,7 @@ def build(cfg: DictConfig, identity: Optional[Identity] = None, head_classnames:
                             probe=hydra.utils.instantiate(method.probe) if method.get("probe") else None,
                             warmup_lr=method.get("warmup_lr") if method.get("warmup") == "constant" else None,
                             decay_exclusions=method.get("decay_exclusions", "open_clip"),
-                            frozen_features=method.get("augment") is False)
+                            frozen_features=unaugmented)
     return datamodule, module
 
 
