@@ -201,16 +201,16 @@ class SparseMaskCallback(pl.Callback):
         (to rounding), so accumulated gradients come out as DDP's."""
         if not self._leaves or not _distributed():
             return
-        grads = []
-        for leaf in self._leaves.values():
-            if leaf.values.grad is None:  # zeros, so that every rank sends the same collective
-                leaf.values.grad = torch.zeros_like(leaf.values)
-            grads.append(leaf.values.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        leaves = [leaf.values for leaf in self._leaves.values()]
+        # Zeros for a leaf without a gradient, so every rank sends the same collective, plus one flag per leaf: a
+        # leaf no rank gave a gradient keeps none (the optimizer skips it, as it does on one device).
+        flat = torch.cat([v.grad.reshape(-1) if v.grad is not None else torch.zeros_like(v) for v in leaves]
+                         + [torch.tensor([float(v.grad is not None) for v in leaves], dtype=leaves[0].dtype,
+                                         device=leaves[0].device)])
         dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
+        parts = flat.split([v.numel() for v in leaves] + [len(leaves)])
+        for v, part, flag in zip(leaves, parts, parts[-1].tolist()):
+            v.grad = (part / dist.get_world_size()).view_as(v) if flag else None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._routing is not None:

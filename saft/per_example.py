@@ -105,7 +105,7 @@ class PerExampleGradients:
 
     def grads(self, chunk) -> Dict[str, object]:
         if self.rows is None:
-            raise RuntimeError("PerExampleGradients.grads() before chunk_size(): the embedding rows are not known")
+            raise ValueError("PerExampleGradients.grads() before chunk_size(): the embedding rows are not known")
         dense = {f"model.{n}": p.detach() for n, p in self.params.items() if n not in self.rows}
         subs = {n: self.params[n].detach()[r] for n, r in self.rows.items()}
         grads, row_grads = self._vectorised(dense, subs, chunk)

@@ -129,12 +129,13 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
             while vectorised is not None and done < size:
                 try:
                     chunk = _slice(batch, done, done + vectorised.chunk_size(_example(batch, 0)))
-                    _accumulate_per_example(sums, vectorised.grads(chunk), score)
+                    grads = vectorised.grads(chunk)
                 except (OtherRows, RuntimeError, NotImplementedError) as error:
                     log.warning("per-example scores: one backward per example from here (the loss cannot be "
                                 "vectorised with torch.func: %s)", str(error).splitlines()[0][:200])
                     vectorised = None
                     break
+                _accumulate_per_example(sums, grads, score)  # outside the try: a chunk is added whole or not at all
                 done += _batch_size(chunk)
             for i in range(done, size):
                 _per_example_losses(loss_fn, model, _example(batch, i)).sum().backward()

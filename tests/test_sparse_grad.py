@@ -216,7 +216,8 @@ def test_the_plain_pytorch_loop_of_the_library_guide_moves_only_the_mask_without
 def test_under_ddp_the_k_gradients_are_averaged_over_ranks_in_one_collective_after_each_backward(monkeypatch):
     """Two ranks: one all-reduce of the k values of every masked tensor, then / world size, as DDP averages dense
     gradients, in on_after_backward (before fp16's scaler looks for infs); a leaf without a gradient sends zeros,
-    so every rank sends the same collective (tests/test_entrypoints.py runs it on two processes)."""
+    so every rank sends the same collective, and stays without one if no rank had one (tests/test_entrypoints.py
+    runs it on two processes)."""
     import saft.callback as callback
     from saft.callback import SparseMaskCallback
     calls = []
@@ -234,9 +235,15 @@ def test_under_ddp_the_k_gradients_are_averaged_over_ranks_in_one_collective_aft
     grad = torch.randn(3)
     cb._leaves[fc.weight].values.grad = grad.clone()
     cb.on_after_backward(None, None)
-    assert calls == [4]  # k values, once
+    assert calls == [4 + 2]  # k values and a has-gradient flag per leaf, once
     torch.testing.assert_close(cb._leaves[fc.weight].values.grad, grad + 0.5)
     torch.testing.assert_close(cb._leaves[fc.bias].values.grad, torch.tensor([0.5]))  # zeros went out
+    # A leaf that no rank gave a gradient keeps none, so the optimizer skips it as on one device.
+    monkeypatch.setattr(callback.dist, "all_reduce", lambda tensor: tensor.mul_(2))  # the other rank: the same
+    cb._leaves[fc.bias].values.grad = None
+    cb.on_after_backward(None, None)
+    assert cb._leaves[fc.bias].values.grad is None
+    torch.testing.assert_close(cb._leaves[fc.weight].values.grad, grad + 0.5)  # averaged again: unchanged
 
 
 def test_a_transpose_by_attribute_is_routed_too():
