@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from open_clip.loss import ClipLoss
 
+from saft.app.clip import encode_prompts
 from saft.app.heads import LinearHead
 from saft.app.module import CLIPClassifier
 from saft.errors import ConfigError
@@ -53,7 +54,7 @@ class FLYPClassifier(CLIPClassifier):
         images, labels = batch
         tokens = self.tokenizer(self.captions(labels)).to(self.device)
         image_features = self.model.encode_image(images, normalize=True)
-        text_features = self.model.encode_text(tokens, normalize=True)
+        text_features = encode_prompts(self.model, tokens, self.trim_prompts)
         # Under DDP the features of every rank are gathered: the loss contrasts the global batch, as FLYP's
         # single-process DataParallel run did. Gradients flow through this rank's own features (open_clip's
         # default), so DDP's average over ranks is the global loss's gradient / world size.

@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from torch import nn
 
+from saft.app.clip import encode_embedded_text, prompt_length
 from saft.errors import ConfigError
 
 
@@ -97,27 +97,16 @@ class PromptHead(nn.Module):
             self._tokens[key] = tokens[:, :length].contiguous()
         return self._tokens[key]
 
-    def forward(self, model: nn.Module, classnames: Sequence[str]) -> torch.Tensor:
-        """The [embed_dim, classes] head of ``classnames`` under the learned prompt (differentiable in ``ctx``)."""
+    def forward(self, model: nn.Module, classnames: Sequence[str], trim: bool = False) -> torch.Tensor:
+        """The [embed_dim, classes] head of ``classnames`` under the learned prompt (differentiable in ``ctx``);
+        ``trim``: the prompts run at their own length (saft.app.clip.encode_prompts)."""
         tokens = self.tokens(classnames).to(self.ctx.device)
+        if trim:
+            tokens = tokens[:, :prompt_length(model, tokens)]
         words = model.token_embedding(tokens)
         ctx = self.ctx.to(words.dtype).unsqueeze(0).expand(len(classnames), -1, -1)
         embeddings = torch.cat([words[:, :1], ctx, words[:, 1 + self.n_ctx:]], dim=1)
         return F.normalize(encode_embedded_text(model, embeddings, tokens), dim=-1).T
-
-
-def encode_embedded_text(model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """open_clip's ``CLIP.encode_text`` from the token embeddings on (the same operations in the same order, so
-    embeddings looked up from ``tokens`` give ``encode_text(tokens)`` bit for bit); ``tokens`` find the pooled
-    position."""
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = embeddings.to(cast_dtype) + model.positional_embedding.to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask)
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
-    return x
 
 
 def build_head(method, model: nn.Module, tokenizer, classnames: Sequence[str], embed_dim: int) -> Optional[nn.Module]:

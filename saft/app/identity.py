@@ -38,6 +38,8 @@ IGNORED = {  # patterns on flat keys (a key matches its own name, anything below
                         "batch cut changes results only by float rounding",
     "model.batch_first_attention": "the same attention computed without a transpose: results differ by float rounding "
                                    "only (tests/test_attention.py), so older runs resume and report with newer ones",
+    "model.trim_prompts": "the training prompts run without the padding after their end-of-text tokens, which a causal "
+                          "text tower never attends to: results differ by float rounding only (tests/test_prompts.py)",
     "method.mask.batch_size": "the scoring pass sums over every example whatever the batch (as *eval_batch_size)",
     "method.mask.sparse_grads": "the k selected entries' gradients formed alone or gathered from the dense ones: "
                                 "training differs by float rounding only (tests/test_sparse_grad.py)",

@@ -49,6 +49,8 @@ class CLIPClassifier(pl.LightningModule):
     after each backward, so the optimizer skips those parameters (no step, no weight decay, no moments).
     ``frozen_features``: the training images are not augmented, so while the image tower is frozen each
     training image's features are computed once, alone, when it is first drawn, and reused (keyed by its bytes).
+    ``trim_prompts``: the training prompts (and CoOp's, FLYP's captions) run through the text tower at their own
+    length, not the tokenizer's context (saft.app.clip.encode_prompts); the eval heads stay open_clip's.
     """
 
     flops_per_batch = None  # Lightning's ThroughputMonitor: samples/s and batches/s, FLOPs not counted
@@ -58,7 +60,8 @@ class CLIPClassifier(pl.LightningModule):
                  identity: Optional[dict] = None, head: Optional[nn.Module] = None,
                  trainable: Sequence[str] = (), lp_fraction: float = 0.0, head_lr: Optional[float] = None,
                  head_weight_decay: Optional[float] = None, probe=None, warmup_lr: Optional[float] = None,
-                 decay_exclusions: str = "open_clip", frozen_features: bool = False):
+                 decay_exclusions: str = "open_clip", frozen_features: bool = False,
+                 trim_prompts: bool = False):
         super().__init__()
         self.model, self.tokenizer, self.optimizer_factory = model, tokenizer, optimizer
         self.warmup_fraction, self.schedule, self.identity = warmup_fraction, schedule, identity
@@ -77,7 +80,7 @@ class CLIPClassifier(pl.LightningModule):
         self._columns: Dict[str, Optional[list]] = {}  # eval set -> its classes' columns of the linear head
         self.probe_steps = 0  # LP-FT: optimizer steps of the linear-probe phase (set with the schedule)
         self.zero_shot = False  # True: evaluate with the text head (the reference before training)
-        self.frozen_features = frozen_features
+        self.frozen_features, self.trim_prompts = frozen_features, trim_prompts
         self._features: Optional[Dict[bytes, torch.Tensor]] = None  # image bytes -> features, while fitting
 
     @contextmanager
@@ -126,11 +129,12 @@ class CLIPClassifier(pl.LightningModule):
     def train_head(self) -> Head:
         """The head of the training classes."""
         if isinstance(self.head, PromptHead):
-            build = lambda: self.head(self.model, self.classnames)  # noqa: E731
+            build = lambda: self.head(self.model, self.classnames, self.trim_prompts)  # noqa: E731
             return Head(build() if torch.is_grad_enabled() else self._cached_head("train", build))
         if isinstance(self.head, LinearHead):  # the ID set's zero-shot head plus the linear head's change
             return Head(self._zero_shot_head(0), self.head.change(), self.head.bias)
-        build = lambda: text_head(self.model, self.train_tokens.to(self.device), len(self.classnames))  # noqa: E731
+        build = lambda: text_head(self.model, self.train_tokens.to(self.device), len(self.classnames),  # noqa: E731
+                                  self.trim_prompts)
         return Head(build() if self.text_trains and torch.is_grad_enabled() else self._cached_head("train", build))
 
     def _zero_shot_head(self, index: int) -> torch.Tensor:
@@ -144,7 +148,8 @@ class CLIPClassifier(pl.LightningModule):
         so that a head of zero change, and WiSE-FT at alpha=0, is the zero-shot model on every set."""
         s = self.eval_sets[index]
         if not self.zero_shot and isinstance(self.head, PromptHead):
-            return Head(self._cached_head(f"prompt/{s.name}", lambda: self.head(self.model, s.classnames)))
+            return Head(self._cached_head(f"prompt/{s.name}", lambda: self.head(self.model, s.classnames,
+                                                                                     self.trim_prompts)))
         columns = self._linear_columns(s)
         if columns is not None:
             return Head(self._zero_shot_head(index), self.head.change()[:, columns], self.head.bias[columns])

@@ -153,7 +153,8 @@ def resolve_pretrained(model_cfg: Mapping) -> Dict:
     """Arguments for ``load_clip``: ``pretrained=auto`` becomes the cached file, built if missing."""
     if isinstance(model_cfg, DictConfig):
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-    args = {k: v for k, v in model_cfg.items() if k != "pretrain"}
+    # trim_prompts is how the module runs the text tower (run.build), not how the model is built
+    args = {k: v for k, v in model_cfg.items() if k not in ("pretrain", "trim_prompts")}
     spec = model_cfg.get("pretrain")
     if args.get("pretrained") == "auto":
         if not spec:

@@ -122,7 +122,7 @@ def build(cfg: DictConfig, identity: Optional[Identity] = None, head_classnames:
                             probe=hydra.utils.instantiate(method.probe) if method.get("probe") else None,
                             warmup_lr=method.get("warmup_lr") if method.get("warmup") == "constant" else None,
                             decay_exclusions=method.get("decay_exclusions", "open_clip"),
-                            frozen_features=unaugmented)
+                            frozen_features=unaugmented, trim_prompts=cfg.model.get("trim_prompts", False))
     return datamodule, module
 
 

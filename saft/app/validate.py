@@ -268,6 +268,7 @@ RULES = TOP + (
     Rule("model.init_seed", SEED, "0"),
     Rule("model.force_quick_gelu", BOOL, "false"),
     Rule("model.batch_first_attention", BOOL, "true"),
+    Rule("model.trim_prompts", BOOL, "true"),
     Rule("model.pretrain", either(NULL, DICT), "null"),
     Rule("model.pretrain.steps", integer(1), "1000"),
     Rule("model.pretrain.batch_size", integer(1), "128"),
