@@ -4,6 +4,7 @@
     python benchmarks/efficiency.py --model vit_b16 --batch 8 --shots 4 --steps 6   # ViT-B/16-sized, random init
     python benchmarks/efficiency.py --scope per_tensor --selection random --json out.json   # other masks
     python benchmarks/efficiency.py --attention stock    # before saft.app.attention (both methods)
+    python benchmarks/efficiency.py --prompts context    # training prompts at the full context (before trim_prompts)
 
 Each method trains in its own subprocess (peak memory = that process's max RSS, model included; on a GPU also
 torch.cuda.max_memory_allocated), on the same few-shot set (procedural images, or JPEG folders with --imagenet),
@@ -53,7 +54,8 @@ def child(args) -> dict:
                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                  "trainer.check_val_every_n_epoch=1000", "trainer.gradient_clip_val=1.0",
                  "checkpoint.every_n_train_steps=100000", "logger=csv", "eval_zeroshot=false",
-                 f"model.batch_first_attention={args.attention == 'batch_first'}", f"hydra.run.dir={out}"]
+                 f"model.batch_first_attention={args.attention == 'batch_first'}",
+                 f"model.trim_prompts={args.prompts == 'trimmed'}", f"hydra.run.dir={out}"]
     if args.method == "saft":
         overrides += [f"method.mask.scope={args.scope}", f"method.mask.selection={args.selection}",
                       f"method.mask.sparse_grads={args.gradients == 'sparse'}"]
@@ -149,6 +151,8 @@ def main():
                         help="SAFT's weight gradients: the k entries alone, or dense and masked (method.mask.sparse_grads)")
     parser.add_argument("--attention", choices=["batch_first", "stock"], default="batch_first",
                         help="self-attention of both methods: saft.app.attention (default) or nn.MultiheadAttention's")
+    parser.add_argument("--prompts", choices=["trimmed", "context"], default="trimmed",
+                        help="training prompts of both methods at their own length (model.trim_prompts) or the context's")
     parser.add_argument("--json", metavar="PATH", help="also write the figures printed, ratios included, to PATH")
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--precision", help="Lightning precision, e.g. bf16-mixed (default: the trainer config's)")
@@ -172,7 +176,8 @@ def main():
             cmd = [sys.executable, __file__, "--child", method, "--out", f"{tmp}/{method}", "--model", args.model,
                    "--batch", str(args.batch), "--shots", str(args.shots), "--steps", str(args.steps),
                    "--threads", str(args.threads), "--scope", args.scope, "--selection", args.selection,
-                   "--gradients", args.gradients, "--attention", args.attention, "--accelerator", args.accelerator]
+                   "--gradients", args.gradients, "--attention", args.attention, "--prompts", args.prompts,
+                   "--accelerator", args.accelerator]
             cmd += (["--precision", args.precision] if args.precision else []) + (
                 ["--imagenet", args.imagenet] if args.imagenet else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
@@ -209,7 +214,7 @@ def report(args, r):
          saft["eval_loop_ips"] / saft["eval_alone_ips"], ">= 0.9"),
     ]
     print(f"\nmodel={args.model} batch={args.batch} shots={args.shots} ({args.classes} classes) steps={args.steps} "
-          f"threads={args.threads} attention={args.attention}; SAFT mask {args.selection}/{args.scope}, "
+          f"threads={args.threads} attention={args.attention} prompts={args.prompts}; SAFT mask {args.selection}/{args.scope}, "
           f"{args.gradients} gradients, "
           f"k={saft['k']}, tensors frozen by the mask: {saft['frozen_tensors']}/{saft['tensors']}")
     print("| measure | full FT (or reference) | SAFT | ratio | target |\n|---|---|---|---|---|")
@@ -223,8 +228,8 @@ def report(args, r):
         figures = {key: {"full_ft": a, "saft": b, "ratio": ratio} for key, (_, a, b, ratio, _) in zip(keys, rows)}
         Path(args.json).write_text(json.dumps({
             "settings": {k: getattr(args, k) for k in ("model", "batch", "shots", "steps", "threads", "scope",
-                                                       "selection", "gradients", "attention", "accelerator", "precision",
-                                                       "imagenet", "classes")},
+                                                       "selection", "gradients", "attention", "prompts", "accelerator",
+                                                       "precision", "imagenet", "classes")},
             "eval_images_per_s": {"loop": saft["eval_loop_ips"], "model_alone": saft["eval_alone_ips"]},
             "k": saft["k"], "frozen_tensors": saft["frozen_tensors"], "tensors": saft["tensors"],
             "step_ratio": figures["step"]["ratio"], "peak_rss_ratio": figures["peak_rss"]["ratio"],
