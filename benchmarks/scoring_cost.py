@@ -3,6 +3,7 @@ gradients by torch.func, and one backward per example as before), on the CLIP ap
 in one process (each pass run --repeat times after a warm-up; the median is printed).
 
     python benchmarks/scoring_cost.py --model fmnist_clip --shots 16
+    python benchmarks/scoring_cost.py --prompts context    # class prompts at the full context (before trim_prompts)
 """
 import argparse
 import resource
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="scoring batch size (eval_batch_size)")
     parser.add_argument("--include", default="", help="regex of the eligible tensors (e.g. ^visual: the image tower)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--prompts", choices=["trimmed", "context"], default="trimmed",
+                        help="class prompts at their own length (model.trim_prompts) or the context's")
     args = parser.parse_args()
 
     import torch
@@ -33,7 +36,8 @@ def main() -> None:
     from saft.select import eligible_parameters, gradient_sums
 
     overrides = [f"model={args.model}", "model.pretrained=null", "dataset=synthetic", f"shots={args.shots}",
-                 f"eval_batch_size={args.batch}", "dataset.datamodule.image_size=32"]
+                 f"eval_batch_size={args.batch}", "dataset.datamodule.image_size=32",
+                 f"model.trim_prompts={args.prompts == 'trimmed'}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides + ["hydra.run.dir=/tmp/saft-scoring-cost"],
                       return_hydra_config=True)
@@ -58,7 +62,7 @@ def main() -> None:
         seconds[label] = statistics.median(times[1:])
     eligible_mb = sum(p.numel() for p in params.values()) * 4 / 2**20
     print(f"{args.model}: {n} examples, scoring batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"eligible: {args.include or 'every trained tensor'}, "
+          f"eligible: {args.include or 'every trained tensor'}, prompts {args.prompts}, "
           f"{eligible_mb:.0f} MB of eligible fp32 entries (the sums and each backward's gradients: 2x that)")
     for score, s in seconds.items():
         print(f"  {score:32s} {s:7.3f} s  ({1000 * s / n:.2f} ms per example, {s / seconds['abs_sum']:.2f}x abs_sum)")
