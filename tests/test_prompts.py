@@ -78,8 +78,27 @@ def test_coops_trimmed_prompts_give_the_same_head_and_context_gradient():
 def test_the_model_config_switch_reaches_the_training_head(tmp_path, setting):
     from saft.app.run import build
     overrides = [] if setting is None else [f"model.trim_prompts={str(setting).lower()}"]
-    _, module = build(compose_cfg(tmp_path, FAST + overrides))
-    assert module.trim_prompts is (setting is None)  # on in every model config; false: the full context
+    datamodule, module = build(compose_cfg(tmp_path, FAST + ["method=full_ft_text"] + overrides))
+    module.use_datamodule(datamodule)
+    trim = setting is None  # on in every model config; false: the whole context
+    assert module.trim_prompts is trim
+    tokens, n = module.train_tokens, len(module.classnames)
+    expected = {t: text_head(module.model, tokens, n, trim=t) for t in (False, True)}
+    assert not torch.equal(expected[False], expected[True])  # the two paths can be told apart
+    assert torch.equal(module.train_head().text, expected[trim])
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_coops_training_and_eval_heads_take_the_switch(tmp_path, trim):
+    from saft.app.run import build
+    datamodule, module = build(compose_cfg(tmp_path, FAST + ["method=coop", "method.n_ctx=4",
+                                                             f"model.trim_prompts={str(trim).lower()}"]))
+    module.use_datamodule(datamodule)
+    for names, head in ((module.classnames, module.train_head()), (module.eval_sets[1].classnames,
+                                                                    module.eval_head(1))):
+        expected = {t: module.head(module.model, names, trim=t) for t in (False, True)}
+        assert not torch.equal(expected[False], expected[True])
+        assert torch.equal(head.text, expected[trim])
 
 
 def test_a_run_with_trimmed_prompts_trains_as_the_full_context_run_does(tmp_path):

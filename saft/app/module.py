@@ -49,8 +49,9 @@ class CLIPClassifier(pl.LightningModule):
     after each backward, so the optimizer skips those parameters (no step, no weight decay, no moments).
     ``frozen_features``: the training images are not augmented, so while the image tower is frozen each
     training image's features are computed once, alone, when it is first drawn, and reused (keyed by its bytes).
-    ``trim_prompts``: the training prompts (and CoOp's, FLYP's captions) run through the text tower at their own
-    length, not the tokenizer's context (saft.app.clip.encode_prompts); the eval heads stay open_clip's.
+    ``trim_prompts``: the training prompts, CoOp's prompts (in training and evaluation) and FLYP's captions run
+    through the text tower at their own length, not the tokenizer's context (saft.app.clip.encode_prompts); the
+    zero-shot heads of the eval sets stay open_clip's.
     """
 
     flops_per_batch = None  # Lightning's ThroughputMonitor: samples/s and batches/s, FLOPs not counted
