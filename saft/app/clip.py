@@ -86,15 +86,16 @@ def prompt_length(model, tokens: torch.Tensor) -> int:
     return int(ends.max()) + 1 if len(tokens) else tokens.shape[1]
 
 
-def encode_prompts(model, tokens: torch.Tensor, trim: bool = False) -> torch.Tensor:
+def encode_prompts(model, tokens: torch.Tensor, trim: bool = False, device=None) -> torch.Tensor:
     """``model.encode_text(tokens, normalize=True)``; with ``trim``, over the prompts' own length
     (:func:`prompt_length`): the same features to float rounding, at a fraction of the cost when the prompts are
-    shorter than the context (ViT-B/16's 77 tokens; "a photo of a dog." is 7)."""
+    shorter than the context (ViT-B/16's 77 tokens; "a photo of a dog." is 7). ``device``: where the tokens go
+    once cut (tokens kept on the CPU are measured there, without waiting for an accelerator)."""
     length = prompt_length(model, tokens) if trim else tokens.shape[1]
+    cut = tokens[:, :length].to(device or tokens.device)
     if length == tokens.shape[1]:
-        return model.encode_text(tokens, normalize=True)
-    tokens = tokens[:, :length]
-    return F.normalize(encode_embedded_text(model, model.token_embedding(tokens), tokens), dim=-1)
+        return model.encode_text(cut, normalize=True)
+    return F.normalize(encode_embedded_text(model, model.token_embedding(cut), cut), dim=-1)
 
 
 def encode_embedded_text(model, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -116,10 +117,10 @@ def encode_embedded_text(model, embeddings: torch.Tensor, tokens: torch.Tensor) 
     return x
 
 
-def text_head(model, tokens: torch.Tensor, num_classes: int, trim: bool = False) -> torch.Tensor:
+def text_head(model, tokens: torch.Tensor, num_classes: int, trim: bool = False, device=None) -> torch.Tensor:
     """Differentiable [embed_dim, num_classes] head: the same math as
-    ``open_clip.build_zero_shot_classifier`` (normalise, average templates, normalise) with gradients; ``trim``:
-    the prompts run at their own length (:func:`encode_prompts`)."""
-    emb = encode_prompts(model, tokens, trim)
+    ``open_clip.build_zero_shot_classifier`` (normalise, average templates, normalise) with gradients; ``trim``
+    and ``device`` as :func:`encode_prompts`'s."""
+    emb = encode_prompts(model, tokens, trim, device)
     emb = emb.reshape(num_classes, -1, emb.shape[-1])
     return F.normalize(emb.mean(dim=1), dim=-1).T

@@ -52,9 +52,9 @@ class FLYPClassifier(CLIPClassifier):
 
     def loss(self, batch) -> torch.Tensor:
         images, labels = batch
-        tokens = self.tokenizer(self.captions(labels)).to(self.device)
+        tokens = self.tokenizer(self.captions(labels))
         image_features = self.model.encode_image(images, normalize=True)
-        text_features = encode_prompts(self.model, tokens, self.trim_prompts)
+        text_features = encode_prompts(self.model, tokens, self.trim_prompts, self.device)
         # Under DDP the features of every rank are gathered: the loss contrasts the global batch, as FLYP's
         # single-process DataParallel run did. Gradients flow through this rank's own features (open_clip's
         # default), so DDP's average over ranks is the global loss's gradient / world size.

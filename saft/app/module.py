@@ -134,8 +134,8 @@ class CLIPClassifier(pl.LightningModule):
             return Head(build() if torch.is_grad_enabled() else self._cached_head("train", build))
         if isinstance(self.head, LinearHead):  # the ID set's zero-shot head plus the linear head's change
             return Head(self._zero_shot_head(0), self.head.change(), self.head.bias)
-        build = lambda: text_head(self.model, self.train_tokens.to(self.device), len(self.classnames),  # noqa: E731
-                                  self.trim_prompts)
+        build = lambda: text_head(self.model, self.train_tokens, len(self.classnames),  # noqa: E731
+                                  self.trim_prompts, self.device)
         return Head(build() if self.text_trains and torch.is_grad_enabled() else self._cached_head("train", build))
 
     def _zero_shot_head(self, index: int) -> torch.Tensor:
