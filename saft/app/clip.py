@@ -91,11 +91,15 @@ def encode_prompts(model, tokens: torch.Tensor, trim: bool = False, device=None)
     (:func:`prompt_length`): the same features to float rounding, at a fraction of the cost when the prompts are
     shorter than the context (ViT-B/16's 77 tokens; "a photo of a dog." is 7). ``device``: where the tokens go
     once cut (tokens kept on the CPU are measured there, without waiting for an accelerator)."""
-    length = prompt_length(model, tokens) if trim else tokens.shape[1]
-    cut = tokens[:, :length].to(device or tokens.device)
-    if length == tokens.shape[1]:
+    cut = cut_prompts(model, tokens, trim).to(device or tokens.device)
+    if cut.shape[1] == tokens.shape[1]:
         return model.encode_text(cut, normalize=True)
     return F.normalize(encode_embedded_text(model, model.token_embedding(cut), cut), dim=-1)
+
+
+def cut_prompts(model, tokens: torch.Tensor, trim: bool) -> torch.Tensor:
+    """``tokens`` cut to :func:`prompt_length` when ``trim`` (on the CPU this waits for no accelerator)."""
+    return tokens[:, :prompt_length(model, tokens)] if trim else tokens
 
 
 def encode_embedded_text(model, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

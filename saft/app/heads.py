@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saft.app.clip import encode_embedded_text, prompt_length
+from saft.app.clip import cut_prompts, encode_embedded_text
 from saft.errors import ConfigError
 
 
@@ -100,10 +100,7 @@ class PromptHead(nn.Module):
     def forward(self, model: nn.Module, classnames: Sequence[str], trim: bool = False) -> torch.Tensor:
         """The [embed_dim, classes] head of ``classnames`` under the learned prompt (differentiable in ``ctx``);
         ``trim``: the prompts run at their own length (saft.app.clip.encode_prompts)."""
-        tokens = self.tokens(classnames)  # on the CPU: cut there without waiting for the device
-        if trim:
-            tokens = tokens[:, :prompt_length(model, tokens)]
-        tokens = tokens.to(self.ctx.device)
+        tokens = cut_prompts(model, self.tokens(classnames), trim).to(self.ctx.device)
         words = model.token_embedding(tokens)
         ctx = self.ctx.to(words.dtype).unsqueeze(0).expand(len(classnames), -1, -1)
         embeddings = torch.cat([words[:, :1], ctx, words[:, 1 + self.n_ctx:]], dim=1)
