@@ -1,6 +1,7 @@
 """What the mask's scoring pass costs per score: |Σg| (one backward per batch) against Σ|g| and Σg² (per-example
 gradients by torch.func, and one backward per example as before), on the CLIP app's model and data, side by side
-in one process (each pass run --repeat times after a warm-up; the median is printed).
+in one process (each pass run --repeat times after a warm-up; the median is printed), and the matrix-product
+FLOPs each pass performs (torch.utils.flop_counter, one more run of it).
 
     python benchmarks/scoring_cost.py --model fmnist_clip --shots 16
     python benchmarks/scoring_cost.py --prompts context    # class prompts at the full context (before trim_prompts)
@@ -28,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -49,7 +51,7 @@ def main() -> None:
     params = eligible_parameters(module.model, [args.include] if args.include else [])
     batches = list(datamodule.mask_dataloader())
     n = sum(len(b[1]) for b in batches)
-    seconds = {}
+    seconds, flops = {}, {}
     passes = [("abs_sum", "abs_sum", None), ("sum_abs", "sum_abs", None), ("fisher", "fisher", None),
               ("sum_abs, a backward per example", "sum_abs", 0), ("fisher, a backward per example", "fisher", 0)]
     for label, score, chunk in passes:
@@ -60,12 +62,19 @@ def main() -> None:
             gradient_sums(module.model, params, batches, lambda _, b: module.per_example_loss(b), score, **kwargs)
             times.append(time.perf_counter() - start)
         seconds[label] = statistics.median(times[1:])
+        if chunk is None:
+            with FlopCounterMode(display=False) as counter:
+                gradient_sums(module.model, params, batches, lambda _, b: module.per_example_loss(b), score)
+            flops[label] = counter.get_total_flops()
     eligible_mb = sum(p.numel() for p in params.values()) * 4 / 2**20
     print(f"{args.model}: {n} examples, scoring batch {args.batch}, {torch.get_num_threads()} threads, "
           f"eligible: {args.include or 'every trained tensor'}, prompts {args.prompts}, "
           f"{eligible_mb:.0f} MB of eligible fp32 entries (the sums and each backward's gradients: 2x that)")
     for score, s in seconds.items():
-        print(f"  {score:32s} {s:7.3f} s  ({1000 * s / n:.2f} ms per example, {s / seconds['abs_sum']:.2f}x abs_sum)")
+        work = (f"; {flops[score] / 1e9:.2f} GFLOP of matrix products, {flops[score] / flops['abs_sum']:.2f}x, "
+                f"{flops[score] / s / 1e9:.0f} GFLOP/s" if score in flops else "")
+        print(f"  {score:32s} {s:7.3f} s  ({1000 * s / n:.2f} ms per example, {s / seconds['abs_sum']:.2f}x abs_sum"
+              f"{work})")
     print(f"  peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

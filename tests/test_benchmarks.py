@@ -53,3 +53,19 @@ def test_the_gpu_check_says_when_there_is_no_gpu():
         pytest.skip("this machine has a GPU")
     proc = run_script("benchmarks/gpu_check.py", [], check=False)
     assert proc.returncode != 0 and "no CUDA device is visible" in proc.stderr and "--cpu" in proc.stderr
+
+
+
+def test_scoring_cost_counts_the_text_towers_per_example_backward():
+    """The per-example scores' extra matrix products are the text tower's backward for each example: with the
+    image tower alone eligible their FLOPs against abs_sum's drop by more than one abs_sum (docs/efficiency.md)."""
+    def flops(include):
+        proc = run_script("benchmarks/scoring_cost.py", ["--model", "tiny", "--shots", "2", "--repeat", "1",
+                                                         "--include", include])
+        found = re.findall(r"^  (\w+) .*; ([\d.]+) GFLOP of matrix products, ([\d.]+)x", proc.stdout, re.M)
+        assert [score for score, _, _ in found] == ["abs_sum", "sum_abs", "fisher"], proc.stdout
+        return {score: (float(gflop), float(ratio)) for score, gflop, ratio in found}
+    both, image = flops(""), flops("^visual")
+    assert both["sum_abs"] == both["fisher"] and image["sum_abs"] == image["fisher"]  # the same per-example gradients
+    assert both["abs_sum"][0] == image["abs_sum"][0] > 0  # one backward of everything either way
+    assert 1 < image["sum_abs"][1] < both["sum_abs"][1] - 1
