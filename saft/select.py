@@ -158,8 +158,13 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
 def _accumulate_per_example(sums: Scores, grads, score: str) -> None:
     for name, g in grads.items():
         rows, g = g if isinstance(g, tuple) else (None, g)
-        g = g.detach().float()  # each example's gradient, ours to overwrite
-        term = (g.abs_() if score == "sum_abs" else g.square_()).sum(0)
+        g = g.detach().float()
+        if g.stride(0) == 0:  # one gradient for every example (torch.func expands it): a tensor the loss reads
+            one = g[0]        # without the example, or not at all
+            term = (one.abs() if score == "sum_abs" else one.square()) * len(g)
+        else:
+            g = g.contiguous()  # each example's gradient, ours to overwrite in place (no second chunk-sized buffer)
+            term = (g.abs_() if score == "sum_abs" else g.square_()).sum(0)
         if rows is None:
             sums[name].add_(term)
         else:  # an embedding: only the rows the loss reads have a gradient

@@ -63,3 +63,27 @@ def test_a_loss_that_cannot_be_vectorised_falls_back_to_one_backward_per_example
     slow = gradient_sums(model, params, [(x, y)], loss, "fisher", chunk_bytes=0)
     for name in params:
         torch.testing.assert_close(fast[name], slow[name])
+
+
+@pytest.mark.parametrize("score", ["sum_abs", "fisher"])
+def test_tensors_whose_gradient_is_the_same_for_every_example(score, caplog):
+    """torch.func gives a tensor the loss does not read, or reads without the example, one gradient expanded over the
+    examples (stride 0): its scores are n times that gradient's, as the loop's, with no fallback and no error."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"fc": nn.Linear(4, 3), "unused": nn.Linear(4, 2)})
+    offset = nn.Parameter(torch.randn(3))
+    model.register_parameter("offset", offset)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+
+    def loss(m, batch):
+        inputs, labels = batch
+        return nn.functional.cross_entropy(m["fc"](inputs), labels, reduction="none") + (m.offset ** 2).sum()
+    params = eligible_parameters(model)
+    with caplog.at_level(logging.WARNING, logger="saft.select"):
+        fast = gradient_sums(model, params, [(x, y)], loss, score)
+    assert not caplog.records  # the vectorised path ran
+    slow = gradient_sums(model, params, [(x, y)], loss, score, chunk_bytes=0)
+    assert not fast["unused.weight"].any() and not fast["unused.bias"].any()
+    for name in params:
+        torch.testing.assert_close(fast[name], slow[name], msg=name)
+    torch.testing.assert_close(fast["offset"], 10 * (2 * offset.detach()).abs() ** (1 if score == "sum_abs" else 2))
