@@ -9,6 +9,7 @@ on how many processes share the data (their sums are added before the selection)
   example needs its own gradient (``torch.func`` per-example gradients in chunks, :mod:`saft.per_example`).
 """
 import logging
+from collections import Counter
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -156,15 +157,20 @@ def gradient_sums(model: nn.Module, params: Mapping[str, torch.Tensor], batches:
 
 
 def _accumulate_per_example(sums: Scores, grads, score: str) -> None:
-    for name, g in grads.items():
-        rows, g = g if isinstance(g, tuple) else (None, g)
-        g = g.detach().float()
+    grads = {name: g if isinstance(g, tuple) else (None, g) for name, g in grads.items()}
+    # Autograd can hand one gradient tensor to two parameters (``a + b``): squared in place for each, it would be
+    # squared twice. Such tensors are summed out of place.
+    storages = Counter(g.untyped_storage().data_ptr() for _, g in grads.values())
+    for name, (rows, g) in grads.items():
         if g.stride(0) == 0:  # one gradient for every example (torch.func expands it): a tensor the loss reads
-            one = g[0]        # without the example, or not at all
+            one = g[0].float()  # without the example, or not at all
             term = (one.abs() if score == "sum_abs" else one.square()) * len(g)
         else:
-            g = g.contiguous()  # each example's gradient, ours to overwrite in place (no second chunk-sized buffer)
-            term = (g.abs_() if score == "sum_abs" else g.square_()).sum(0)
+            g = g.detach().float().contiguous()  # contiguous: no two entries share memory
+            if storages[g.untyped_storage().data_ptr()] > 1:
+                term = (g.abs() if score == "sum_abs" else g.square()).sum(0)
+            else:  # in place: no second chunk-sized buffer
+                term = (g.abs_() if score == "sum_abs" else g.square_()).sum(0)
         if rows is None:
             sums[name].add_(term)
         else:  # an embedding: only the rows the loss reads have a gradient

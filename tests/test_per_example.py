@@ -46,6 +46,26 @@ def test_vectorised_scores_equal_one_backward_per_example(clip, score, chunk_byt
     assert differ <= 2  # at most a float near-tie at the threshold
 
 
+def test_a_linear_head_leaves_the_text_tower_one_zero_gradient(tmp_path, caplog):
+    """Under a linear head the text tower is not read: torch.func expands its zero gradient over the examples, which
+    the in-place sums once refused (SAFT with method.head=linear and sum_abs crashed at the mask)."""
+    cfg = compose_cfg(tmp_path, FAST + ["+method.head=linear"])
+    datamodule, module = run.build(cfg)
+    module.use_datamodule(datamodule)
+    params, batches = eligible_parameters(module.model), list(datamodule.mask_dataloader())
+    loss = lambda _, b: module.per_example_loss(b)  # noqa: E731
+    caplog.clear()  # open_clip's warning of a random init
+    with caplog.at_level(logging.WARNING, logger="saft.select"):
+        fast = gradient_sums(module.model, params, batches, loss, "sum_abs")
+    assert not caplog.records  # no fallback: the vectorised path ran
+    slow = gradient_sums(module.model, params, batches, loss, "sum_abs", chunk_bytes=0)
+    text = [n for n in params if not n.startswith("visual.")]
+    assert text and not any(fast[n].any() for n in text)
+    for name in params:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6 * float(slow[name].abs().max()),
+                                   msg=name)
+
+
 def test_a_loss_that_cannot_be_vectorised_falls_back_to_one_backward_per_example(caplog):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
@@ -66,18 +86,21 @@ def test_a_loss_that_cannot_be_vectorised_falls_back_to_one_backward_per_example
 
 
 @pytest.mark.parametrize("score", ["sum_abs", "fisher"])
-def test_tensors_whose_gradient_is_the_same_for_every_example(score, caplog):
+def test_gradients_torch_func_returns_expanded_or_shared(score, caplog):
     """torch.func gives a tensor the loss does not read, or reads without the example, one gradient expanded over the
-    examples (stride 0): its scores are n times that gradient's, as the loop's, with no fallback and no error."""
+    examples (stride 0); a tensor read through a sum, a gradient whose entries share memory; two tensors added to one
+    output, the same gradient tensor. Each is summed as the loop sums it, with no fallback and no error (in-place
+    abs/square crashed on the first two and squared the third twice)."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"fc": nn.Linear(4, 3), "unused": nn.Linear(4, 2)})
-    offset = nn.Parameter(torch.randn(3))
-    model.register_parameter("offset", offset)
+    for name, shape in (("offset", 3), ("gain", 3), ("a", (1, 3)), ("b", (1, 3))):  # a, b: the shape of an
+        model.register_parameter(name, nn.Parameter(torch.randn(shape)))           # example's logits (no reduction)
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
 
     def loss(m, batch):
         inputs, labels = batch
-        return nn.functional.cross_entropy(m["fc"](inputs), labels, reduction="none") + (m.offset ** 2).sum()
+        logits = m["fc"](inputs) * m.gain.sum() + m.a + m.b
+        return nn.functional.cross_entropy(logits, labels, reduction="none") + (m.offset ** 2).sum()
     params = eligible_parameters(model)
     with caplog.at_level(logging.WARNING, logger="saft.select"):
         fast = gradient_sums(model, params, [(x, y)], loss, score)
@@ -86,4 +109,6 @@ def test_tensors_whose_gradient_is_the_same_for_every_example(score, caplog):
     assert not fast["unused.weight"].any() and not fast["unused.bias"].any()
     for name in params:
         torch.testing.assert_close(fast[name], slow[name], msg=name)
-    torch.testing.assert_close(fast["offset"], 10 * (2 * offset.detach()).abs() ** (1 if score == "sum_abs" else 2))
+    offset = model.offset.detach()
+    torch.testing.assert_close(fast["offset"], 10 * (2 * offset).abs() ** (1 if score == "sum_abs" else 2))
+    assert fast["a"].sum() > 0 and torch.equal(fast["a"], fast["b"])
