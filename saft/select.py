@@ -173,7 +173,7 @@ def _accumulate_per_example(sums: Scores, grads, score: str) -> None:
                 term = (g.abs_() if score == "sum_abs" else g.square_()).sum(0)
         if rows is None:
             sums[name].add_(term)
-        else:  # an embedding: only the rows the loss reads have a gradient
+        elif len(rows):  # an embedding: only the rows the loss reads have a gradient (none, if it is not read)
             sums[name].view(sums[name].shape[0], -1).index_add_(0, rows, term.reshape(len(rows), -1))
 
 

@@ -88,11 +88,12 @@ def test_a_loss_that_cannot_be_vectorised_falls_back_to_one_backward_per_example
 @pytest.mark.parametrize("score", ["sum_abs", "fisher"])
 def test_gradients_torch_func_returns_expanded_or_shared(score, caplog):
     """torch.func gives a tensor the loss does not read, or reads without the example, one gradient expanded over the
-    examples (stride 0); a tensor read through a sum, a gradient whose entries share memory; two tensors added to one
-    output, the same gradient tensor. Each is summed as the loop sums it, with no fallback and no error (in-place
-    abs/square crashed on the first two and squared the third twice)."""
+    examples (stride 0), and an embedding none of whose rows it reads no rows; a tensor read through a sum, a gradient
+    whose entries share memory; two tensors added to one output, the same gradient tensor. Each is summed as the
+    loop sums it, with no fallback and no error (in-place abs/square crashed on the first kinds, and fisher squared
+    the last twice)."""
     torch.manual_seed(0)
-    model = nn.ModuleDict({"fc": nn.Linear(4, 3), "unused": nn.Linear(4, 2)})
+    model = nn.ModuleDict({"fc": nn.Linear(4, 3), "unused": nn.Linear(4, 2), "unread": nn.Embedding(5, 2)})
     for name, shape in (("offset", 3), ("gain", 3), ("a", (1, 3)), ("b", (1, 3))):  # a, b: the shape of an
         model.register_parameter(name, nn.Parameter(torch.randn(shape)))           # example's logits (no reduction)
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
@@ -106,7 +107,7 @@ def test_gradients_torch_func_returns_expanded_or_shared(score, caplog):
         fast = gradient_sums(model, params, [(x, y)], loss, score)
     assert not caplog.records  # the vectorised path ran
     slow = gradient_sums(model, params, [(x, y)], loss, score, chunk_bytes=0)
-    assert not fast["unused.weight"].any() and not fast["unused.bias"].any()
+    assert not fast["unused.weight"].any() and not fast["unused.bias"].any() and not fast["unread.weight"].any()
     for name in params:
         torch.testing.assert_close(fast[name], slow[name], msg=name)
     offset = model.offset.detach()
