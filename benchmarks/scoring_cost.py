@@ -51,6 +51,7 @@ def main() -> None:
     params = eligible_parameters(module.model, [args.include] if args.include else [])
     batches = list(datamodule.mask_dataloader())
     n = sum(len(b[1]) for b in batches)
+    loss = lambda _, b: module.per_example_loss(b)  # noqa: E731
     seconds, flops = {}, {}
     passes = [("abs_sum", "abs_sum", None), ("sum_abs", "sum_abs", None), ("fisher", "fisher", None),
               ("sum_abs, a backward per example", "sum_abs", 0), ("fisher, a backward per example", "fisher", 0)]
@@ -59,12 +60,12 @@ def main() -> None:
         times = []
         for _ in range(args.repeat + 1):  # the first is a warm-up
             start = time.perf_counter()
-            gradient_sums(module.model, params, batches, lambda _, b: module.per_example_loss(b), score, **kwargs)
+            gradient_sums(module.model, params, batches, loss, score, **kwargs)
             times.append(time.perf_counter() - start)
         seconds[label] = statistics.median(times[1:])
         if chunk is None:
             with FlopCounterMode(display=False) as counter:
-                gradient_sums(module.model, params, batches, lambda _, b: module.per_example_loss(b), score)
+                gradient_sums(module.model, params, batches, loss, score)
             flops[label] = counter.get_total_flops()
     eligible_mb = sum(p.numel() for p in params.values()) * 4 / 2**20
     print(f"{args.model}: {n} examples, scoring batch {args.batch}, {torch.get_num_threads()} threads, "

@@ -161,16 +161,14 @@ def _accumulate_per_example(sums: Scores, grads, score: str) -> None:
     # Autograd can hand one gradient tensor to two parameters (``a + b``): squared in place for each, it would be
     # squared twice. Such tensors are summed out of place.
     storages = Counter(g.untyped_storage().data_ptr() for _, g in grads.values())
+    of = torch.abs if score == "sum_abs" else torch.square
     for name, (rows, g) in grads.items():
         if g.stride(0) == 0:  # one gradient for every example (torch.func expands it): a tensor the loss reads
-            one = g[0].float()  # without the example, or not at all
-            term = (one.abs() if score == "sum_abs" else one.square()) * len(g)
+            term = of(g[0].float()) * len(g)  # without the example, or not at all
         else:
             g = g.detach().float().contiguous()  # contiguous: no two entries share memory
-            if storages[g.untyped_storage().data_ptr()] > 1:
-                term = (g.abs() if score == "sum_abs" else g.square()).sum(0)
-            else:  # in place: no second chunk-sized buffer
-                term = (g.abs_() if score == "sum_abs" else g.square_()).sum(0)
+            private = storages[g.untyped_storage().data_ptr()] <= 1
+            term = of(g, out=g if private else None).sum(0)  # in place where it may: no second chunk-sized buffer
         if rows is None:
             sums[name].add_(term)
         elif len(rows):  # an embedding: only the rows the loss reads have a gradient (none, if it is not read)

@@ -55,7 +55,6 @@ def test_the_gpu_check_says_when_there_is_no_gpu():
     assert proc.returncode != 0 and "no CUDA device is visible" in proc.stderr and "--cpu" in proc.stderr
 
 
-
 def test_scoring_cost_counts_the_text_towers_per_example_backward():
     """The per-example scores' extra matrix products are the text tower's backward for each example: with the
     image tower alone eligible their FLOPs against abs_sum's drop by more than one abs_sum (docs/efficiency.md)."""

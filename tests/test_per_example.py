@@ -87,11 +87,11 @@ def test_a_loss_that_cannot_be_vectorised_falls_back_to_one_backward_per_example
 
 @pytest.mark.parametrize("score", ["sum_abs", "fisher"])
 def test_gradients_torch_func_returns_expanded_or_shared(score, caplog):
-    """torch.func gives a tensor the loss does not read, or reads without the example, one gradient expanded over the
-    examples (stride 0), and an embedding none of whose rows it reads no rows; a tensor read through a sum, a gradient
-    whose entries share memory; two tensors added to one output, the same gradient tensor. Each is summed as the
-    loop sums it, with no fallback and no error (in-place abs/square crashed on the first kinds, and fisher squared
-    the last twice)."""
+    """Gradients torch.func returns in shapes the in-place sums once mishandled, each summed as the loop sums it, with
+    no fallback and no error: one gradient expanded over the examples (stride 0: a tensor the loss does not read, or
+    reads without the example), an embedding whose rows the loss never reads, a gradient whose entries share memory
+    (a tensor read through a sum), and one gradient tensor for two parameters added to one output (fisher squared
+    it twice)."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"fc": nn.Linear(4, 3), "unused": nn.Linear(4, 2), "unread": nn.Embedding(5, 2)})
     for name, shape in (("offset", 3), ("gain", 3), ("a", (1, 3)), ("b", (1, 3))):  # a, b: the shape of an
